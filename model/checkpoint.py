@@ -1,0 +1,164 @@
+"""Servable checkpoints: safetensors tensors plus JSON metadata; loading never unpickles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import ARCHITECTURES
+from model.network import YOLOv1, build_model
+
+METADATA_KEY = "yolov1"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, foreign or inconsistent."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's content, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_metadata(model: YOLOv1, class_names: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The metadata that describes ``model``: architecture, S, B, C, input size and classes."""
+    if len(class_names) != model.num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {model.num_classes} classes"
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch,
+        "grid_size": model.grid_size,
+        "boxes_per_cell": model.boxes_per_cell,
+        "num_classes": model.num_classes,
+        "image_size": model.image_size,
+        "class_names": list(class_names),
+        "input": {
+            "color": "RGB",
+            "range": [0, 1],
+            "resize": "plain (no letterbox)",
+            "mean": model.pixel_mean.flatten().tolist(),
+            "std": model.pixel_std.flatten().tolist(),
+        },
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: YOLOv1,
+    metadata: dict[str, Any],
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``model``'s weights and metadata to a safetensors file.
+
+    ``metadata`` must hold ``class_names``; anything else it holds (a ``training`` summary, for
+    instance) is stored as well. The architecture fields are always taken from the model, so they
+    cannot disagree with the tensors. ``dtype`` (float32, float16 or bfloat16) applies to
+    floating-point tensors; loading converts back to float32.
+    """
+    if "class_names" not in metadata:
+        raise ValueError("metadata must contain 'class_names'")
+    full = {**metadata, **model_metadata(model, metadata["class_names"])}
+    tensors = {
+        name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+        for name, t in model.state_dict().items()
+        if not name.endswith("num_batches_tracked")
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(full)})
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read and validate only the metadata of a checkpoint (no tensors are loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:  # safetensors raises several types for foreign or truncated files
+        raise CheckpointError(path, f"not a readable safetensors file ({exc})") from None
+    if raw is None:
+        raise CheckpointError(path, f"safetensors file has no '{METADATA_KEY}' metadata")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(path, f"metadata is not valid JSON ({exc})") from None
+    missing = {"arch", "num_classes", "boxes_per_cell", "image_size", "class_names"} - set(meta)
+    if missing:
+        raise CheckpointError(path, f"metadata lacks {sorted(missing)}")
+    if meta["arch"] not in ARCHITECTURES:
+        raise CheckpointError(path, f"unknown architecture {meta['arch']!r}")
+    if len(meta["class_names"]) != meta["num_classes"]:
+        raise CheckpointError(
+            path,
+            f"metadata says num_classes={meta['num_classes']} but lists "
+            f"{len(meta['class_names'])} class names",
+        )
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu"
+) -> tuple[YOLOv1, dict[str, Any]]:
+    """Load a checkpoint written by ``save_checkpoint``; return ``(model, metadata)`` in eval mode.
+
+    Every tensor name and shape is checked against the architecture the metadata names before
+    anything is copied. Raises ``CheckpointError`` naming the file and the problem.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        model = build_model(
+            meta["arch"], meta["num_classes"], meta["boxes_per_cell"], meta["image_size"]
+        )
+    except ValueError as exc:
+        raise CheckpointError(path, f"metadata describes no valid model ({exc})") from None
+    expected = {
+        k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+                raise CheckpointError(
+                    path,
+                    f"tensors disagree with the metadata's architecture {meta['arch']!r}: "
+                    f"missing {missing[:3]}, unexpected {extra[:3]}",
+                )
+            state = {}
+            for name, ref in expected.items():
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(ref.shape):
+                    raise CheckpointError(
+                        path, f"tensor {name} has shape {shape}, metadata implies {tuple(ref.shape)}"
+                    )
+                state[name] = f.get_tensor(name).to(ref.dtype)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # truncated data sections surface here
+        raise CheckpointError(path, f"cannot read tensors ({exc})") from None
+    model.load_state_dict(state, strict=False)  # num_batches_tracked is not stored
+    return model.to(device).eval(), meta

@@ -1,0 +1,154 @@
+"""Score a checkpoint on annotated images: `yolov1-eval --weights W --data ROOT --split val`.
+
+Ground truth comes from the annotation files (pixel boxes with their difficult flags), never
+from the grid; predictions are mapped back to each image's pixels before matching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.data import Annotation, DetectionDataset, detection_collate, read_datasets
+from model.metrics import coco_map, evaluate_detections
+from model.network import YOLOv1
+from model.postprocess import postprocess
+
+logger = logging.getLogger(__name__)
+
+# A low threshold, as in the VOC protocol: AP integrates over the whole precision-recall curve.
+EVAL_CONF_THRESHOLD = 0.005
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+@torch.inference_mode()
+def predict(
+    model: YOLOv1,
+    annotations: list[Annotation],
+    device: torch.device,
+    batch_size: int = 16,
+    workers: int = 0,
+    conf_threshold: float = EVAL_CONF_THRESHOLD,
+    progress: bool = False,
+) -> list[dict[str, torch.Tensor]]:
+    """Run ``model`` on every image; return detections with boxes in each image's pixels (xyxy)."""
+    was_training = model.training
+    model.eval()
+    dataset = DetectionDataset(annotations, model.image_size, train=False)
+    loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=detection_collate)
+    results: list[dict[str, torch.Tensor]] = []
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        raw = model(images.to(device))
+        dets = postprocess(
+            raw, model.boxes_per_cell, model.num_classes, conf_threshold, 0.5, max_detections=100
+        )
+        for det, target in zip(dets, targets, strict=True):
+            h, w = target["orig_size"]
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+            results.append({k: v.cpu() for k, v in det.items()})
+            results[-1]["boxes"] = results[-1]["boxes"] * scale
+    model.train(was_training)
+    return results
+
+
+def score(
+    predictions: list[dict[str, torch.Tensor]],
+    annotations: list[Annotation],
+    num_classes: int,
+) -> dict[str, Any]:
+    """VOC2007 11-point and VOC2010+ all-point mAP@0.5, and COCO-style mAP@[.5:.95]."""
+    truths = [{"boxes": a.boxes, "labels": a.labels, "difficult": a.difficult} for a in annotations]
+    voc07 = evaluate_detections(predictions, truths, num_classes, 0.5, "11point")
+    voc12 = evaluate_detections(predictions, truths, num_classes, 0.5, "all")
+    coco = coco_map(predictions, truths, num_classes)
+    return {
+        "map50_11point": voc07["map"],
+        "map50_all": voc12["map"],
+        "map_coco": coco["map"],
+        "ap50_11point": voc07["ap"],
+        "ap50_all": voc12["ap"],
+    }
+
+
+def format_table(result: dict[str, Any], class_names: list[str]) -> str:
+    """A per-class AP table followed by the summary numbers."""
+    lines = [f"{'class':<14} {'AP50 (11pt)':>11} {'AP50 (all)':>11}"]
+    for name, ap07, ap12 in zip(
+        class_names, result["ap50_11point"], result["ap50_all"], strict=True
+    ):
+        lines.append(f"{name:<14} {ap07:>11.3f} {ap12:>11.3f}")
+    lines.append(f"{'mAP@0.5':<14} {result['map50_11point']:>11.3f} {result['map50_all']:>11.3f}")
+    lines.append(f"mAP@[.5:.95] (COCO-style, 101-point): {result['map_coco']:.3f}")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("yolov1-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, type=Path, help="a .safetensors checkpoint")
+    parser.add_argument("--data", required=True, nargs="+", type=Path, help="dataset root(s)")
+    parser.add_argument("--format", choices=("voc", "yolo"), default="voc")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(args.weights, device)
+    class_names = meta["class_names"]
+    annotations = read_datasets(args.data, args.format, args.split, class_names)
+    if not annotations:
+        raise ValueError(f"no annotated images in split {args.split!r} of {args.data}")
+    start = time.perf_counter()
+    predictions = predict(model, annotations, device, args.batch_size, args.workers, progress=True)
+    elapsed = time.perf_counter() - start
+    result = score(predictions, annotations, len(class_names))
+    result.update(
+        images=len(annotations),
+        images_per_s=len(annotations) / elapsed,
+        weights=str(args.weights),
+        split=args.split,
+        class_names=class_names,
+    )
+    print(format_table(result, class_names))
+    print(f"{len(annotations)} images in {elapsed:.1f} s ({result['images_per_s']:.1f} images/s)")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Console entry point: errors are one line on stderr, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (CheckpointError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"yolov1-eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,58 @@
+"""From the raw grid to detections: per-class scores, thresholding and class-wise NMS."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms
+
+from model.boxes import decode_predictions
+
+
+def postprocess(
+    pred: torch.Tensor,
+    B: int = 2,
+    C: int = 20,
+    conf_threshold: float = 0.25,
+    iou_threshold: float = 0.5,
+    max_detections: int = 100,
+) -> list[dict[str, torch.Tensor]]:
+    """Turn the raw grid into detections, one dict per image.
+
+    The score of a (box, class) pair is ``conf * class_score`` over all S*S*B boxes, so one box
+    may give several classes. Both factors are clamped at 0 first: the outputs are linear, and
+    two negatives must not make a positive score. Pairs at or under ``conf_threshold`` are
+    dropped, then NMS runs per image and class (``torchvision.ops.batched_nms``).
+
+    Args:
+        pred: (N, S, S, C + 5B) raw network output.
+
+    Returns:
+        N dicts with ``boxes`` (K, 4) xyxy normalised to [0, 1] and clipped, ``scores`` (K,)
+        sorted in decreasing order, ``labels`` (K,) int64; K <= ``max_detections``.
+    """
+    if not 0.0 <= conf_threshold <= 1.0:
+        raise ValueError(f"conf_threshold must be in [0, 1], got {conf_threshold}")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be >= 1, got {max_detections}")
+    N = pred.shape[0]
+    pred = pred.float()
+    boxes, conf = decode_predictions(pred, B, C)  # (N, S, S, B, 4), (N, S, S, B)
+    boxes = boxes.reshape(N, -1, 4).clamp(0, 1)  # (N, S*S*B, 4)
+    class_scores = pred[..., :C].clamp(min=0).unsqueeze(3)  # (N, S, S, 1, C)
+    scores = (conf.clamp(min=0).unsqueeze(-1) * class_scores).reshape(N, -1, C)  # (N, S*S*B, C)
+
+    image_idx, box_idx, labels = (scores > conf_threshold).nonzero(as_tuple=True)
+    kept_boxes = boxes[image_idx, box_idx]
+    kept_scores = scores[image_idx, box_idx, labels]
+    # One NMS call for the whole batch: each (image, class) pair is its own group.
+    keep = batched_nms(kept_boxes, kept_scores, image_idx * C + labels, iou_threshold)
+    image_idx = image_idx[keep]
+    results = []
+    for n in range(N):
+        mine = keep[image_idx == n][:max_detections]  # batched_nms sorts by decreasing score
+        results.append(
+            {"boxes": kept_boxes[mine], "scores": kept_scores[mine], "labels": labels[mine]}
+        )
+    return results

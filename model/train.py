@@ -1,0 +1,393 @@
+"""Train YOLOv1 on Pascal VOC or YOLO-txt data: `yolov1-train --data ROOT ... --out W.safetensors`.
+
+Writes, beside ``--out``: the best checkpoint by val mAP@0.5 (``--out`` itself, servable), the
+last one (``*.last.safetensors``), the resumable state (``*.state.pt``: optimizer, scheduler,
+epoch, RNG) and a CSV log. Multi-GPU: ``torchrun --nproc_per_node=N -m model.train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from model.boxes import encode_targets
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import ARCHITECTURES, VOC_CLASSES
+from model.data import DetectionDataset, detection_collate, load_class_names, read_datasets
+from model.evaluate import predict, resolve_device, score
+from model.loss import YOLOv1Loss
+from model.network import YOLOv1, build_model
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became non-finite)."""
+
+
+@dataclass(frozen=True)
+class GridCollate:
+    """Collate a batch and encode its boxes as (N, S, S, C + 5) grid targets (picklable)."""
+
+    S: int
+    C: int
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = detection_collate(batch)
+        grids = [encode_targets(t["boxes"], t["labels"], self.S, self.C) for t in targets]
+        return images, torch.stack(grids)  # (N, 3, H, W), (N, S, S, C+5)
+
+
+def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str):
+    """Multiplier of the base learning rate at optimizer step ``step``.
+
+    Warm-up rises linearly from 0.1x to 1x (the paper's 1e-3 -> 1e-2). ``step``: /10 at 75/135 and
+    again at 105/135 of the run, as the paper; ``cosine``: cosine decay to 1% after warm-up.
+    """
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return 0.1 + 0.9 * step / warmup_steps
+    progress = step / (epochs * steps_per_epoch)
+    if schedule == "cosine":
+        rest = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
+    return 1.0 if progress < 75 / 135 else 0.1 if progress < 105 / 135 else 0.01
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    stem = out.name.removesuffix(".safetensors")
+    return {
+        "best": out,
+        "last": out.with_name(f"{stem}.last.safetensors"),
+        "state": out.with_name(f"{stem}.state.pt"),
+        "csv": out.with_name(f"{stem}.csv"),
+    }
+
+
+def init_from(model: YOLOv1, path: Path) -> None:
+    """Copy every tensor of a checkpoint whose name and shape match (e.g. all but a new head)."""
+    source, _ = load_checkpoint(path)
+    own = model.state_dict()
+    copied = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(own) - set(copied))
+    model.load_state_dict(copied, strict=False)
+    logger.info("initialised %d tensors from %s; kept %d new", len(copied), path, len(skipped))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("yolov1-train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, nargs="+", type=Path, help="dataset root(s)")
+    p.add_argument("--format", choices=("voc", "yolo"), default="voc")
+    p.add_argument("--class-names", type=Path, help="file with one class name per line (def: VOC)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--val-data", nargs="+", type=Path, help="val root(s) (default: --data)")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="yolov1")
+    p.add_argument("--img-size", type=int, default=448, help="multiple of 64; S = img_size / 64")
+    p.add_argument("--boxes-per-cell", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=135)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate after warm-up")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--clip-grad", type=float, default=10.0, help="max gradient norm")
+    p.add_argument("--mosaic", type=float, default=0.0, help="probability of a 4-image mosaic")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    p.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--out", type=Path, default=Path("runs/yolov1.safetensors"))
+    p.add_argument("--resume", action="store_true", help="continue from --out's .state.pt")
+    p.add_argument("--init", type=Path, help="start from this checkpoint's matching tensors")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (for smoke tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
+    """Start the process group under torchrun (NCCL on CUDA, gloo on CPU)."""
+    if not dist.is_torchelastic_launched():
+        return resolve_device(device_name), 0, 1
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return device, rank, world
+
+
+class Trainer:
+    """One training run; ``run()`` returns the path of the best checkpoint."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device, self.rank, self.world = setup_distributed(args.device)
+        self.main_process = self.rank == 0
+        torch.manual_seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)
+        self.class_names = (
+            load_class_names(args.class_names) if args.class_names else list(VOC_CLASSES)
+        )
+        C = len(self.class_names)
+        train_ann = read_datasets(args.data, args.format, args.train_split, self.class_names)
+        self.val_ann = read_datasets(
+            args.val_data or args.data, args.format, args.val_split, self.class_names
+        )
+        if not train_ann:
+            raise ValueError(f"no annotated images in split {args.train_split!r} of {args.data}")
+        self.model = build_model(args.arch, C, args.boxes_per_cell, args.img_size)
+        if args.init:
+            init_from(self.model, args.init)
+        self.model.to(self.device)
+        S, B = self.model.grid_size, self.model.boxes_per_cell
+        self.criterion = YOLOv1Loss(S, B, C)
+        dataset = DetectionDataset(train_ann, args.img_size, train=True, mosaic=args.mosaic)
+        generator = torch.Generator().manual_seed(args.seed)
+        self.sampler = (
+            DistributedSampler(dataset, seed=args.seed, drop_last=True)
+            if self.world > 1
+            else RandomSampler(dataset, generator=generator)
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            sampler=self.sampler,
+            num_workers=args.workers,
+            collate_fn=GridCollate(S, C),
+            drop_last=len(dataset) > args.batch_size * self.world,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=args.workers > 0,
+        )
+        params = self.model.parameters()
+        if args.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        steps = len(self.loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, steps, args.epochs, args.warmup_epochs, args.schedule),
+        )
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if self.world > 1
+            else None
+        )
+        self.amp_dtype = (
+            (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+            if self.device.type == "cuda"
+            else None
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.paths = output_paths(args.out)
+        self.start_epoch, self.best_map, self.step = 0, -1.0, 0
+        self.images_seen, self.train_seconds = 0, 0.0
+        if args.resume:
+            self.load_state()
+
+    # -- state ---------------------------------------------------------------------------------
+    def metadata(self, epoch: int, val: dict[str, Any] | None) -> dict[str, Any]:
+        a = self.args
+        return {
+            "class_names": self.class_names,
+            "training": {
+                "command": "yolov1-train " + shlex.join(sys.argv[1:]),
+                "data": [str(d) for d in a.data],
+                "train_split": a.train_split,
+                "val_split": a.val_split,
+                "epochs_done": epoch + 1,
+                "epochs": a.epochs,
+                "optimizer": a.optimizer,
+                "lr": a.lr,
+                "batch_size": a.batch_size * self.world,
+                "seed": a.seed,
+                "val_map50_11point": None if val is None else val["map50_11point"],
+                "val_map50_all": None if val is None else val["map50_all"],
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+
+    def save(self, epoch: int, val: dict[str, Any] | None, best: bool) -> None:
+        dtype = torch.float16 if self.args.save_dtype == "float16" else torch.float32
+        meta = self.metadata(epoch, val)
+        save_checkpoint(self.paths["last"], self.model, meta, dtype)
+        if best:
+            save_checkpoint(self.paths["best"], self.model, meta, dtype)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": torch.tensor(epoch),
+            "step": torch.tensor(self.step),
+            "best_map": torch.tensor(self.best_map),
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.paths["state"].with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.paths["state"])
+
+    def load_state(self) -> None:
+        path = self.paths["state"]
+        if not path.is_file():
+            raise ValueError(f"--resume: no training state at {path}")
+        # weights_only: the restricted unpickler, which cannot run code from the file.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.step = int(state["step"])
+        self.best_map = float(state["best_map"])
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        net = self.ddp or self.model
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {epoch + 1}/{self.args.epochs}",
+            disable=not self.main_process or self.args.no_progress,
+            leave=False,
+        )
+        start = time.perf_counter()
+        batches = 0
+        for images, targets in bar:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
+                pred = net(images)
+            terms = self.criterion.terms(pred.float(), targets)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became non-finite ({loss.item()}) at epoch {epoch + 1}, step "
+                    f"{self.step}; no weights were written for it. Lower --lr or --clip-grad."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            batches += 1
+            self.images_seen += images.shape[0] * self.world
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            bar.set_postfix({k: f"{v.item():.2f}" for k, v in terms.items()})
+            if self.args.max_steps and self.step >= self.args.max_steps:
+                break
+        self.train_seconds += time.perf_counter() - start
+        return {k: v / max(batches, 1) for k, v in sums.items()}
+
+    def run(self) -> Path:
+        args = self.args
+        fields = ["epoch", "lr", "coord", "object", "noobj", "class", "val_map50", "seconds"]
+        log_path = self.paths["csv"]
+        if self.main_process:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            if not (args.resume and log_path.exists()):
+                with open(log_path, "w", newline="") as f:
+                    csv.writer(f).writerow(fields)
+        epoch = self.start_epoch - 1
+        try:
+            for epoch in range(self.start_epoch, args.epochs):
+                started = time.perf_counter()
+                losses = self.train_epoch(epoch)
+                val = None
+                last_epoch = epoch + 1 == args.epochs
+                stop = bool(args.max_steps and self.step >= args.max_steps)
+                if self.main_process and self.val_ann and (
+                    (epoch + 1) % args.eval_every == 0 or last_epoch or stop
+                ):
+                    preds = predict(self.model, self.val_ann, self.device, args.batch_size)
+                    val = score(preds, self.val_ann, len(self.class_names))
+                if self.main_process:
+                    current = -1.0 if val is None else val["map50_11point"]
+                    is_best = val is not None and (current > self.best_map or self.best_map < 0)
+                    self.best_map = max(self.best_map, current)
+                    self.save(epoch, val, best=is_best or not self.paths["best"].exists())
+                    row = [epoch + 1, self.optimizer.param_groups[0]["lr"]]
+                    row += [round(losses.get(k, float("nan")), 4) for k in fields[2:6]]
+                    row += [None if val is None else round(current, 4)]
+                    row += [round(time.perf_counter() - started, 1)]
+                    with open(log_path, "a", newline="") as f:
+                        csv.writer(f).writerow(row)
+                    logger.info(
+                        "epoch %d/%d loss %.3f val mAP@0.5 %s (best %.4f)",
+                        epoch + 1, args.epochs, sum(losses.values()),
+                        "-" if val is None else f"{current:.4f}", self.best_map,
+                    )  # fmt: skip
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            if self.main_process:
+                self.save(max(epoch, 0), None, best=not self.paths["best"].exists())
+                logger.warning("interrupted: saved %s and %s", self.paths["last"], self.paths["state"])
+            raise
+        if self.main_process and self.train_seconds > 0:
+            rate = self.images_seen / self.train_seconds
+            print(f"trained on {self.images_seen} images at {rate:.1f} images/s; "
+                  f"best val mAP@0.5 {self.best_map:.4f} -> {self.paths['best']}")  # fmt: skip
+        return self.paths["best"]
+
+
+def main(args: argparse.Namespace) -> Path:
+    trainer = Trainer(args)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Console entry point: errors are one line on stderr, never a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (TrainingError, CheckpointError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"yolov1-train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
