@@ -107,8 +107,10 @@ def evaluate_detections(
     }[interpolation]
 
     matcher = partial(_match_voc, iou_threshold=iou_threshold)
-    per_class = _match_dataset(predictions, ground_truths, num_classes, matcher, max_detections=None)
-    ap = [_class_ap(matches, recall_thresholds)[0] for matches in per_class]  # (1,) per class
+    per_class = _match_dataset(
+        predictions, ground_truths, num_classes, matcher, num_thresholds=1, max_detections=None
+    )
+    ap = [float(_class_ap(matches, recall_thresholds)[0]) for matches in per_class]
     return {"map": _nanmean(ap), "ap": ap}
 
 
@@ -136,16 +138,19 @@ def coco_map(
         non-difficult ground truth (NaN when no class has one).
     """
     per_class = _match_dataset(
-        predictions, ground_truths, num_classes, _match_coco, max_detections=_COCO_MAX_DETECTIONS
+        predictions,
+        ground_truths,
+        num_classes,
+        _match_coco,
+        num_thresholds=len(_COCO_IOU_THRESHOLDS),
+        max_detections=_COCO_MAX_DETECTIONS,
     )
-    ap = torch.stack([_class_ap(matches, _COCO_RECALL_THRESHOLDS) for matches in per_class])
-    ap = ap.reshape(num_classes, len(_COCO_IOU_THRESHOLDS))  # (C, T)
-    index_50 = 0
-    index_75 = int(torch.argmin((_COCO_IOU_THRESHOLDS - 0.75).abs()))
+    ap = [_class_ap(matches, _COCO_RECALL_THRESHOLDS) for matches in per_class]  # (T,) each
+    ap = torch.stack(ap)  # (C, T)
     return {
         "map": _nanmean(ap.mean(dim=1).tolist()),
-        "map50": _nanmean(ap[:, index_50].tolist()),
-        "map75": _nanmean(ap[:, index_75].tolist()),
+        "map50": _nanmean(ap[:, 0].tolist()),  # thresholds are 0.50 + 0.05 k
+        "map75": _nanmean(ap[:, 5].tolist()),
     }
 
 
@@ -165,9 +170,14 @@ def _match_dataset(
     ground_truths: Sequence[Mapping[str, Tensor]],
     num_classes: int,
     matcher: Matcher,
+    num_thresholds: int,
     max_detections: int | None,
 ) -> list[_ClassMatches]:
-    """Match every image's detections class by class; return the flags gathered per class."""
+    """Match every image's detections class by class; return the flags gathered per class.
+
+    ``matcher`` returns ``num_thresholds`` rows of flags; only each image's ``max_detections``
+    highest-scoring detections of a class are matched (all of them when ``None``).
+    """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if len(predictions) != len(ground_truths):
@@ -175,10 +185,9 @@ def _match_dataset(
             f"predictions and ground_truths must be aligned per image, got "
             f"{len(predictions)} and {len(ground_truths)} images"
         )
-    num_thresholds = int(matcher(torch.zeros((0, 0), dtype=torch.float64), _EMPTY_BOOL)[0].shape[0])
     per_class = [_ClassMatches(num_thresholds) for _ in range(num_classes)]
 
-    for image, (prediction, truth) in enumerate(zip(predictions, ground_truths)):
+    for image, (prediction, truth) in enumerate(zip(predictions, ground_truths, strict=True)):
         pred_boxes, pred_scores, pred_labels = _read_prediction(prediction, image, num_classes)
         gt_boxes, gt_labels, gt_difficult = _read_ground_truth(truth, image, num_classes)
         for cls in torch.unique(torch.cat([pred_labels, gt_labels])).tolist():
@@ -215,14 +224,18 @@ def _match_voc(iou: Tensor, gt_difficult: Tensor, iou_threshold: float) -> tuple
         best_iou = iou.gather(1, best_gt[:, None])[:, 0]  # (D,)
         difficult = gt_difficult.tolist()
         taken = [False] * num_gts
-        for det, (overlap, gt) in enumerate(zip(best_iou.tolist(), best_gt.tolist())):
+        for det, (overlap, gt) in enumerate(zip(best_iou.tolist(), best_gt.tolist(), strict=True)):
             if overlap < iou_threshold:
                 continue
             if difficult[gt]:
                 ignored[det] = True
             elif not taken[gt]:
                 true_positive[det] = taken[gt] = True
-    return torch.tensor([true_positive], dtype=torch.bool), torch.tensor([ignored], dtype=torch.bool)
+    # dtype spelled out: an image with no detection gives empty lists, which torch reads as float
+    return (
+        torch.tensor([true_positive], dtype=torch.bool),  # (1, D)
+        torch.tensor([ignored], dtype=torch.bool),  # (1, D)
+    )
 
 
 def _match_coco(iou: Tensor, gt_ignored: Tensor) -> tuple[Tensor, Tensor]:
@@ -263,15 +276,13 @@ def _class_ap(matches: _ClassMatches, recall_thresholds: Tensor | None) -> Tenso
     """AP of one class at each of its T IoU thresholds: (T,) float64, NaN without positives."""
     if matches.num_positives == 0:
         return torch.full((matches.num_thresholds,), math.nan, dtype=torch.float64)
-    if not matches.scores:
-        return torch.zeros(matches.num_thresholds, dtype=torch.float64)
     scores = torch.cat(matches.scores)  # (D,)
     order = torch.argsort(scores, descending=True, stable=True)
     true_positive = torch.cat(matches.true_positive, dim=1)[:, order]  # (T, D)
     ignored = torch.cat(matches.ignored, dim=1)[:, order]  # (T, D)
     ap = [
         _average_precision(tp[~ign], matches.num_positives, recall_thresholds)
-        for tp, ign in zip(true_positive, ignored)
+        for tp, ign in zip(true_positive, ignored, strict=True)
     ]
     return torch.tensor(ap, dtype=torch.float64)
 
@@ -376,6 +387,3 @@ def _nanmean(values: Sequence[float]) -> float:
     """Mean of the non-NaN values; NaN when there are none."""
     kept = [value for value in values if not math.isnan(value)]
     return sum(kept) / len(kept) if kept else math.nan
-
-
-_EMPTY_BOOL = torch.zeros(0, dtype=torch.bool)

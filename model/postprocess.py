@@ -36,12 +36,13 @@ def postprocess(
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     if max_detections < 1:
         raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-    N = pred.shape[0]
+    N, S = pred.shape[0], pred.shape[1]
+    M = S * S * B  # boxes per image
     pred = pred.float()
     boxes, conf = decode_predictions(pred, B, C)  # (N, S, S, B, 4), (N, S, S, B)
-    boxes = boxes.reshape(N, -1, 4).clamp(0, 1)  # (N, S*S*B, 4)
+    boxes = boxes.reshape(N, M, 4).clamp(0, 1)  # (N, S*S*B, 4)
     class_scores = pred[..., :C].clamp(min=0).unsqueeze(3)  # (N, S, S, 1, C)
-    scores = (conf.clamp(min=0).unsqueeze(-1) * class_scores).reshape(N, -1, C)  # (N, S*S*B, C)
+    scores = (conf.clamp(min=0).unsqueeze(-1) * class_scores).reshape(N, M, C)  # (N, S*S*B, C)
 
     image_idx, box_idx, labels = (scores > conf_threshold).nonzero(as_tuple=True)
     kept_boxes = boxes[image_idx, box_idx]
