@@ -474,7 +474,7 @@ def test_coco_map_keeps_100_detections_per_image_and_class_like_pycocotools(
         "scores": torch.cat(
             [
                 0.5 + torch.rand(120, generator=generator, dtype=torch.float64) / 2,
-                torch.tensor([0.1, 0.05]),
+                torch.tensor([0.1, 0.05], dtype=torch.float64),
             ]
         ),
         "labels": torch.zeros(122, dtype=torch.int64),
