@@ -258,7 +258,7 @@ def _match_coco(iou: Tensor, gt_ignored: Tensor) -> tuple[Tensor, Tensor]:
     rows = torch.arange(len(thresholds))
     # Lifting regular ground truths above every ignored one makes a single argmax prefer them,
     # as COCOeval does by sorting ignored ground truths last and stopping at the first of them.
-    preference = iou + 0.0 * (~gt_ignored)  # (D, G)
+    preference = iou + 2.0 * (~gt_ignored)  # (D, G)
     for det in range(num_dets):
         free = (iou[det] >= thresholds) & ~taken  # (T, G)
         key = torch.where(free, preference[det], -1.0)  # (T, G)

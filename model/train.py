@@ -43,14 +43,21 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class GridCollate:
-    """Collate a batch and encode its boxes as (N, S, S, C + 5) grid targets (picklable)."""
+    """Collate a batch and encode its boxes as (N, S, S, C + 5) grid targets (picklable).
+
+    Difficult objects are left out of the targets, as Darknet's ``voc_label.py`` does: the
+    evaluation ignores them, so training neither rewards nor penalises finding them.
+    """
 
     S: int
     C: int
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = detection_collate(batch)
-        grids = [encode_targets(t["boxes"], t["labels"], self.S, self.C) for t in targets]
+        grids = [
+            encode_targets(t["boxes"][~t["difficult"]], t["labels"][~t["difficult"]], self.S, self.C)
+            for t in targets
+        ]
         return images, torch.stack(grids)  # (N, 3, H, W), (N, S, S, C+5)
 
 
@@ -111,6 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--clip-grad", type=float, default=10.0, help="max gradient norm")
     p.add_argument("--mosaic", type=float, default=0.0, help="probability of a 4-image mosaic")
+    p.add_argument("--no-augment", action="store_true", help="train on plainly resized images")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
     p.add_argument("--seed", type=int, default=0)
@@ -164,7 +172,9 @@ class Trainer:
         self.model.to(self.device)
         S, B = self.model.grid_size, self.model.boxes_per_cell
         self.criterion = YOLOv1Loss(S, B, C)
-        dataset = DetectionDataset(train_ann, args.img_size, train=True, mosaic=args.mosaic)
+        dataset = DetectionDataset(
+            train_ann, args.img_size, train=not args.no_augment, mosaic=args.mosaic
+        )
         generator = torch.Generator().manual_seed(args.seed)
         self.sampler = (
             DistributedSampler(dataset, seed=args.seed, drop_last=True)

@@ -137,6 +137,38 @@ def test_coco_matching_lets_duplicate_take_free_ground_truth(duplicate_example) 
     assert [result["map"], result["map50"], result["map75"]] == pytest.approx(stats[:3], abs=1e-9)
 
 
+# One image: regular g1 = [0, 0, 10, 10], difficult g2 = [1, 0, 11, 10]; detection e equal to g2.
+# IoU(e, g2) = 1, IoU(e, g1) = 90/110 = 0.818.
+# VOC: the best match g2 is difficult -> e ignored -> no counted detection, AP 0.
+# COCO prefers a free regular ground truth over any ignored one: e takes g1 (TP) for thresholds
+# .50 .. .80 (7 of them, AP 1) and falls back to g2 (ignored, AP 0) for .85 .. .95.
+#   map = 7/10, map50 = map75 = 1
+def test_coco_matching_prefers_regular_over_difficult_ground_truth() -> None:
+    predictions = [_prediction([[1, 0, 11, 10]], [0.9], [0])]
+    ground_truths = [_truth([[0, 0, 10, 10], [1, 0, 11, 10]], [0, 0], [False, True])]
+    assert evaluate_detections(predictions, ground_truths, num_classes=1)["map"] == 0.0
+    result = coco_map(predictions, ground_truths, num_classes=1)
+    assert result == {
+        "map": pytest.approx(0.7, abs=1e-12),
+        "map50": pytest.approx(1.0, abs=1e-12),
+        "map75": pytest.approx(1.0, abs=1e-12),
+    }
+    stats = _pycocotools_stats(predictions, ground_truths, num_classes=1)
+    assert [result["map"], result["map50"], result["map75"]] == pytest.approx(stats[:3], abs=1e-9)
+
+
+# Tie: g1 = [0, 0, 10, 10], g2 = [2, 0, 12, 10]; e1 0.9 [1, 0, 11, 10] has IoU 90/110 with both.
+# COCOeval keeps the last of equal IoUs, so e1 takes g2; e2 0.8 = g2 then has only g1 left, at
+# IoU 80/120 = 0.667: TP up to .65, FP from .70. At .75: TP FP -> AP 51/101 (first-wins gives 1).
+def test_coco_matching_breaks_iou_ties_like_pycocotools() -> None:
+    predictions = [_prediction([[1, 0, 11, 10], [2, 0, 12, 10]], [0.9, 0.8], [0, 0])]
+    ground_truths = [_truth([[0, 0, 10, 10], [2, 0, 12, 10]], [0, 0])]
+    result = coco_map(predictions, ground_truths, num_classes=1)
+    assert result["map75"] == pytest.approx(51 / 101, abs=1e-12)
+    stats = _pycocotools_stats(predictions, ground_truths, num_classes=1)
+    assert [result["map"], result["map50"], result["map75"]] == pytest.approx(stats[:3], abs=1e-9)
+
+
 # ------------------------------------------------------------------------------- edge cases
 def test_class_without_ground_truth_is_nan_and_left_out_of_mean() -> None:
     predictions = [_prediction([[0, 0, 10, 10], [5, 5, 20, 20]], [0.9, 0.8], [0, 1])]
