@@ -116,10 +116,13 @@ def build_model(
 
 
 def fold_batchnorm(model: YOLOv1) -> YOLOv1:
-    """Return an eval-mode copy whose BatchNorms are folded into the preceding convolutions."""
+    """Return an eval-mode copy whose BatchNorms are folded into the preceding convolutions.
+
+    Folding an already folded model is a no-op copy.
+    """
     folded = copy.deepcopy(model).eval()
     for block in folded.modules():
-        if isinstance(block, CNNBlock):
+        if isinstance(block, CNNBlock) and isinstance(block.batchnorm, nn.BatchNorm2d):
             block.conv = fuse_conv_bn_eval(block.conv, block.batchnorm)
             block.batchnorm = nn.Identity()
     return folded

@@ -203,11 +203,13 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(s, steps, args.epochs, args.warmup_epochs, args.schedule),
         )
-        self.ddp = (
-            DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            if self.world > 1
-            else None
-        )
+        self.ddp = None
+        if self.world > 1:
+            device_ids = None
+            if self.device.type == "cuda":  # SyncBatchNorm exists for CUDA only
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                device_ids = [self.device]
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
         self.amp_dtype = (
             (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
             if self.device.type == "cuda"
@@ -323,6 +325,11 @@ class Trainer:
             if self.args.max_steps and self.step >= self.args.max_steps:
                 break
         self.train_seconds += time.perf_counter() - start
+        if self.ddp is not None:
+            # DDP syncs BatchNorm's running statistics at each forward, so after the last step
+            # each rank holds its own; rank 0's become everyone's, as they are the ones saved.
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, src=0)
         return {k: v / max(batches, 1) for k, v in sums.items()}
 
     def run(self) -> Path:

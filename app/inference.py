@@ -1,0 +1,216 @@
+"""From upload bytes to detections: decode and resize, run a batch on the backend, draw boxes.
+
+Decoding is defensive: the format is checked before any pixel is decoded, the pixel count is
+read from the header (so a decompression bomb is refused without being decoded), and large
+JPEGs are decoded at reduced scale. Boxes are reported in pixels of the uploaded image after
+its EXIF orientation.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as F
+
+from app.backends import Backend, create_backend
+from model.checkpoint import file_sha256, load_checkpoint
+from model.postprocess import postprocess
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}  # orientations that rotate by 90 degrees
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+BOX_COLOUR = (255, 64, 32)
+
+
+class ImageError(ValueError):
+    """An upload the service cannot use; the subclass says why."""
+
+
+class CorruptImage(ImageError):
+    """Empty, truncated or otherwise undecodable."""
+
+
+class UnsupportedImage(ImageError):
+    """Not one of ``ACCEPTED_FORMATS``."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than allowed, as declared by the header."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    tensor: torch.Tensor  # (3, size, size) float32 RGB in [0, 1], plainly resized
+    width: int  # of the upload after EXIF orientation, in pixels
+    height: int
+    image: Image.Image | None = None  # the oriented full-size RGB image, when asked for
+
+
+def decode_image(data: bytes, size: int, max_pixels: int, keep_image: bool = False) -> DecodedImage:
+    """Decode an upload into the network's input; raise an ``ImageError`` subclass if unusable.
+
+    ``keep_image`` also returns the oriented RGB image at full size (for drawing on); without
+    it a JPEG is decoded at the smallest DCT scale that still gives ``size`` pixels a side.
+    """
+    if not data:
+        raise CorruptImage("the uploaded file is empty")
+    try:
+        # Only the accepted formats' header parsers ever see the bytes.
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedImage("not a JPEG, PNG, WebP or BMP image") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except Exception as exc:  # a recognised but malformed header
+        raise CorruptImage(f"cannot read the image header ({exc})") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        try:
+            return _decode(image, size, keep_image)
+        except MemoryError:
+            raise
+        except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, ...
+            raise CorruptImage(f"cannot decode the image ({exc})") from None
+
+
+def _decode(image: Image.Image, size: int, keep_image: bool) -> DecodedImage:
+    width, height = image.size
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in _SWAPS_AXES:
+        width, height = height, width
+    if image.format == "JPEG" and not keep_image:
+        # Decode at 1/2, 1/4 or 1/8 scale when that still covers the input size: the cost
+        # then follows the network's input, not the upload. The size changes; the geometry
+        # (``width``, ``height`` above) does not.
+        image.draft("RGB", (size, size))
+    oriented = _to_rgb(ImageOps.exif_transpose(image))
+    pixels = F.pil_to_tensor(oriented)  # (3, h, w) uint8
+    # As at evaluation (model.data.build_transform): plain antialiased resize, then [0, 1].
+    resized = F.resize(pixels, [size, size], antialias=True)  # (3, size, size)
+    tensor = F.to_dtype(resized, torch.float32, scale=True)
+    return DecodedImage(tensor, width, height, oriented if keep_image else None)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # convert("RGB") clips 16-bit values at 255 (a white image): keep the top 8 bits.
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(grey.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    """Per-request decoding parameters."""
+
+    conf_threshold: float
+    iou_threshold: float
+    max_detections: int
+    class_ids: frozenset[int] | None = None  # keep only these classes; None keeps all
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image waiting for inference."""
+
+    image: torch.Tensor  # (3, H, W) float32 in [0, 1]
+    options: DetectOptions
+
+
+class Detector:
+    """A checkpoint behind a backend: a batch of jobs in, one detection dict per job out.
+
+    Each dict holds ``boxes`` (K, 4) xyxy normalised to [0, 1], ``scores`` (K,) decreasing and
+    ``labels`` (K,), as ``model.postprocess`` returns them.
+    """
+
+    def __init__(self, backend: Backend, metadata: dict[str, Any], weights: Path, version: str):
+        self.backend = backend
+        self.metadata = metadata
+        self.weights = weights
+        self.version = version
+        self.class_names: list[str] = list(metadata["class_names"])
+        self.image_size: int = metadata["image_size"]
+        self.num_classes: int = metadata["num_classes"]  # C
+        self.boxes_per_cell: int = metadata["boxes_per_cell"]  # B
+
+    @classmethod
+    def load(
+        cls,
+        weights: str | Path,
+        device: torch.device,
+        backend: str = "auto",
+        half: bool = False,
+    ) -> Detector:
+        """Load ``weights`` and build the backend; raises ``CheckpointError`` or ``ValueError``."""
+        weights = Path(weights)
+        model, metadata = load_checkpoint(weights)  # on the CPU; the backend places it
+        runner = create_backend(backend, model, weights, device, half=half)
+        return cls(runner, metadata, weights, file_sha256(weights)[:12])
+
+    def __call__(self, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
+        if not jobs:
+            return []
+        images = torch.stack([job.image for job in jobs])  # (N, 3, H, W)
+        grid = self.backend(images).float().cpu()  # (N, S, S, C+5B)
+        return [self._postprocess(grid[i : i + 1], job.options) for i, job in enumerate(jobs)]
+
+    def _postprocess(self, grid: torch.Tensor, options: DetectOptions) -> dict[str, torch.Tensor]:
+        S, C, B = grid.shape[1], self.num_classes, self.boxes_per_cell
+        keep_all = options.class_ids is None
+        # With a class filter, filter all candidates first and cut to max_detections after.
+        limit = options.max_detections if keep_all else S * S * B * C
+        (found,) = postprocess(grid, B, C, options.conf_threshold, options.iou_threshold, limit)
+        if keep_all:
+            return found
+        wanted = torch.tensor(sorted(options.class_ids), dtype=found["labels"].dtype)
+        mask = torch.isin(found["labels"], wanted)
+        return {k: v[mask][: options.max_detections] for k, v in found.items()}
+
+    def warm_up(self) -> None:
+        """Run one batch of one blank image, so the first request pays no first-call costs."""
+        blank = torch.zeros(3, self.image_size, self.image_size)
+        self([Job(blank, DetectOptions(0.5, 0.5, 1))])
+
+
+def to_pixels(boxes_xyxy: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Scale (K, 4) xyxy boxes normalised to [0, 1] to pixels of a ``width`` x ``height`` image.
+
+    The network input is a plain resize of the whole image, so the normalised coordinates map
+    to the image's pixels by its two side lengths.
+    """
+    scale = torch.tensor([width, height, width, height], dtype=boxes_xyxy.dtype)
+    return boxes_xyxy * scale
+
+
+def draw_detections(
+    image: Image.Image, boxes_xyxy: list[tuple[float, float, float, float]], labels: list[str]
+) -> bytes:
+    """Draw pixel ``boxes_xyxy`` with their ``labels`` on a copy of ``image``; return a JPEG."""
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, round(max(canvas.size) / 300))
+    font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 50)))
+    for (x1, y1, x2, y2), label in zip(boxes_xyxy, labels, strict=True):
+        draw.rectangle((x1, y1, x2, y2), outline=BOX_COLOUR, width=line)
+        left, top, right, bottom = font.getbbox(label)
+        text_w, text_h = right - left + 2 * line, bottom - top + 2 * line
+        text_y = y1 - text_h if y1 >= text_h else y1  # above the box, unless at the top edge
+        draw.rectangle((x1, text_y, x1 + text_w, text_y + text_h), fill=BOX_COLOUR)
+        draw.text((x1 + line - left, text_y + line - top), label, fill=(255, 255, 255), font=font)
+    out = io.BytesIO()
+    canvas.save(out, "JPEG", quality=90)
+    return out.getvalue()

@@ -1,0 +1,245 @@
+"""The FastAPI app (``create_app`` + lifespan) and the ``yolov1-serve`` entry point (``run``).
+
+``uvicorn app.main:app`` builds the app from the environment on first access of ``app``;
+``yolov1-serve`` (``python -m app.main``) adds the weights check before anything starts and a
+SIGTERM that drains (readiness and new requests answer 503 while admitted requests finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from app.batcher import BatcherStopped, BatchFailed, QueueFull
+from app.inference import CorruptImage, ImageTooLarge, UnsupportedImage
+from app.metrics import Metrics
+from app.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestMetricsMiddleware
+from app.routes import detect, health, model
+from app.routes import metrics as metrics_route
+from app.service import ClientDisconnected, DeadlineExceeded, Service, StartupError, Unavailable
+from app.settings import Settings
+from model.checkpoint import CheckpointError, read_metadata
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers on top of the files
+
+# Service exceptions -> (HTTP status, rejection reason for the metrics; None: not a rejection).
+ERROR_STATUS: dict[type[Exception], tuple[int, str | None]] = {
+    CorruptImage: (400, "bad_image"),
+    ImageTooLarge: (413, "too_large"),
+    UnsupportedImage: (415, "unsupported_media_type"),
+    QueueFull: (503, "queue_full"),
+    BatcherStopped: (503, "draining"),
+    Unavailable: (503, "not_ready"),  # or "draining": the exception says which
+    DeadlineExceeded: (504, "deadline"),
+    ClientDisconnected: (499, "disconnected"),  # nginx's code; nobody is left to read it
+    BatchFailed: (500, None),
+}
+HTTP_REJECTIONS = {401: "unauthorized", 413: "too_large", 422: "invalid"}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service: Service = app.state.service
+    try:
+        await service.start()
+    except StartupError as exc:
+        logger.debug("startup failed", exc_info=True)
+        app.state.startup_error = str(exc)
+        raise
+    try:
+        yield
+    finally:
+        await service.stop()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing heavy happens until the lifespan starts."""
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics(settings.max_batch_size)
+    app = FastAPI(
+        title="YOLOv1 detection service",
+        version="0.1.0",
+        summary="Micro-batched YOLOv1 object detection over HTTP.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = Service(settings, metrics)
+    app.state.startup_error = None
+    for router in (detect.router, model.router, health.router, metrics_route.router):
+        app.include_router(router)
+
+    single = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    batch = settings.max_batch_size * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.add_middleware(OneLineStartupFailure, startup_error=lambda: app.state.startup_error)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limits={"/v1/detect": single, "/v1/detect/render": single, "/v1/detect/batch": batch},
+        on_reject=lambda: metrics.reject("too_large"),
+    )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+
+    for error in ERROR_STATUS:
+        app.add_exception_handler(error, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.openapi = functools.partial(_openapi_with_binary_files, app, app.openapi)  # type: ignore[method-assign]
+    return app
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    status, reason = next(v for t, v in ERROR_STATUS.items() if isinstance(exc, t))
+    if isinstance(exc, Unavailable):
+        reason = exc.reason
+    if reason is not None:
+        request.app.state.metrics.reject(reason)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    if reason := HTTP_REJECTIONS.get(exc.status_code):
+        request.app.state.metrics.reject(reason)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    request.app.state.metrics.reject("invalid")
+    return await request_validation_exception_handler(request, exc)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette re-raises the exception after this answer, so the server logs the traceback.
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def _openapi_with_binary_files(app: FastAPI, build: Any) -> dict[str, Any]:
+    """The schema, with upload fields marked ``format: binary``.
+
+    FastAPI describes ``UploadFile`` as ``contentMediaType: application/octet-stream`` only;
+    generators such as openapi-python-client then type the field as text and the upload
+    fails with 422. ``format: binary`` makes them send a file.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = build()
+
+    def mark(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "string" and "contentMediaType" in node:
+                node["format"] = "binary"
+            for value in node.values():
+                mark(value)
+        elif isinstance(node, list):
+            for value in node:
+                mark(value)
+
+    mark(schema.get("components", {}).get("schemas", {}))
+    return schema
+
+
+@functools.cache
+def _default_app() -> FastAPI:
+    try:
+        return create_app()
+    except ValidationError as exc:
+        raise SystemExit(f"yolov1-serve: {settings_error(exc)}") from None
+
+
+def __getattr__(name: str) -> Any:
+    # ``uvicorn app.main:app`` reads the settings when it asks for ``app``, not at import.
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def settings_error(exc: ValidationError) -> str:
+    """A settings ``ValidationError`` in one line, naming the environment variables."""
+    parts = []
+    for error in exc.errors():
+        field = "_".join(str(part) for part in error["loc"]).upper()
+        parts.append(f"YOLOV1_{field}: {error['msg']}" if field else error["msg"])
+    return "invalid settings: " + "; ".join(parts)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that the first SIGTERM drains the service before it stops.
+
+    Plain uvicorn closes the listening socket at once (probes and clients see refused
+    connections, not 503) and re-raises SIGTERM on exit (status -15). Here the first SIGTERM
+    marks the service draining (readiness and new detections answer 503 at once), waits up to
+    ``drain_timeout_s`` for admitted requests, then lets uvicorn shut down and exit 0. A second
+    SIGTERM, or SIGINT, stops at once as in uvicorn.
+    """
+
+    def __init__(self, config: uvicorn.Config, service: Service, drain_timeout_s: float):
+        super().__init__(config)
+        self.service = service
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._drain_requested or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+        self.service.begin_drain()  # a flag: safe inside a signal handler
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        logger.info("SIGTERM: draining (at most %g s)", self.drain_timeout_s)
+        await self.service.drain(self.drain_timeout_s)
+        self.should_exit = True
+
+
+def run() -> None:
+    """``yolov1-serve``: check the settings and the weights, then serve with one worker."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        settings = Settings()
+        read_metadata(settings.weights)  # fail before uvicorn starts: one line, no traceback
+    except ValidationError as exc:
+        sys.exit(f"yolov1-serve: {settings_error(exc)}")
+    except CheckpointError as exc:
+        sys.exit(f"yolov1-serve: cannot load weights: {exc}")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+    )
+    DrainingServer(config, app.state.service, settings.drain_timeout_s).run()
+
+
+if __name__ == "__main__":
+    run()

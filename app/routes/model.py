@@ -1,0 +1,39 @@
+"""What is being served: the network, its classes, the weights' version and the batching."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from app.routes.deps import ServiceDep, require_api_key
+from app.schemas import NOT_READY, UNAUTHORIZED, BatchingInfo, ModelInfo
+
+router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)])
+
+
+@router.get("/model", summary="The served model and the batching settings",
+            responses={**UNAUTHORIZED, **NOT_READY})  # fmt: skip
+async def model_info(service: ServiceDep) -> ModelInfo:
+    detector = service.loaded_detector()
+    s, meta = service.settings, detector.metadata
+    return ModelInfo(
+        name=meta["arch"],
+        version=detector.version,
+        weights=detector.weights.name,
+        arch=meta["arch"],
+        grid_size=meta["grid_size"],
+        boxes_per_cell=meta["boxes_per_cell"],
+        num_classes=meta["num_classes"],
+        image_size=meta["image_size"],
+        class_names=detector.class_names,
+        backend=detector.backend.name,
+        device=str(detector.backend.device),
+        dtype=str(detector.backend.dtype).removeprefix("torch."),
+        conf_threshold=s.conf_threshold,
+        iou_threshold=s.iou_threshold,
+        batching=BatchingInfo(
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.max_queue,
+            request_timeout_s=s.request_timeout_s,
+        ),
+    )

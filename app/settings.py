@@ -1,0 +1,66 @@
+"""Service settings: one class, read from ``YOLOV1_*`` environment variables, checked at startup."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS = PROJECT_ROOT / "weights" / "yolov1-voc.safetensors"
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told; a bad value stops it before it loads anything."""
+
+    model_config = SettingsConfigDict(env_prefix="YOLOV1_", frozen=True)
+
+    weights: Path = DEFAULT_WEIGHTS
+    device: str = "auto"  # auto = CUDA when available, else CPU
+    backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    half: bool = False  # fp16 weights and inputs; CUDA only, ignored (with a warning) on CPU
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    # Small, so a lone request is barely delayed; under load batches fill while the worker runs.
+    max_wait_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1)  # images admitted but not yet in a running batch
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per uploaded file
+    max_image_pixels: int = Field(40_000_000, ge=1)  # width * height, read from the header
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()  # empty: auth off
+    conf_threshold: float = Field(0.25, ge=0, le=1)
+    iou_threshold: float = Field(0.5, ge=0, le=1)
+    drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: longest wait for admitted requests
+    decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value == "auto":
+            return value
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"not a torch device or 'auto': {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_queue(self) -> Settings:
+        if self.max_queue < self.max_batch_size:
+            # A full /v1/detect/batch upload must fit in an empty queue.
+            raise ValueError(
+                f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})"
+            )
+        return self

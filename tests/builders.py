@@ -1,0 +1,56 @@
+"""Builders shared by the tests: synthetic VOC trees, and where the shared data lies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+# ../shared beside the repository: present in CI and on the developers' machines, absent in a
+# user's fresh clone, where the tests that need it skip.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+
+
+def write_image(
+    path: Path, width: int, height: int, white_boxes_xyxy: tuple = (), exif_orientation: int = 1
+) -> None:
+    """Black image with white rectangles at the given pixel xyxy boxes (edge coordinates)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    for x1, y1, x2, y2 in white_boxes_xyxy:
+        image.paste((255, 255, 255), (int(x1), int(y1), int(x2), int(y2)))
+    if exif_orientation != 1:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        image.save(path, exif=exif)
+    else:
+        image.save(path)
+
+
+def voc_xml(size: tuple[int, int] | None, objects: list[tuple]) -> str:
+    """objects: (name, xmin, ymin, xmax, ymax, difficult), VOC 1-based inclusive coordinates."""
+    size_xml = (
+        ""
+        if size is None
+        else (f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>")
+    )
+    objs = "".join(
+        f"<object><name>{name}</name><difficult>{int(diff)}</difficult><bndbox>"
+        f"<xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        for name, x1, y1, x2, y2, diff in objects
+    )
+    return f"<annotation><filename>x.jpg</filename>{size_xml}{objs}</annotation>"
+
+
+def make_voc(root: Path, items: dict[str, tuple], split: str = "train", ext: str = ".png") -> Path:
+    """items: id -> (width, height, objects[, xml_size]); writes images, XML and the split file."""
+    for image_id, (width, height, objects, *xml_size) in items.items():
+        write_image(root / "JPEGImages" / f"{image_id}{ext}", width, height)
+        size = xml_size[0] if xml_size else (width, height)
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{image_id}.xml").write_text(voc_xml(size, objects))
+    (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(items) + "\n")
+    return root

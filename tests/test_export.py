@@ -1,0 +1,157 @@
+import shutil
+import tempfile
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import model.export as export
+from model import build_model
+from model.export import cached_onnx_path, ensure_onnx, export_onnx
+
+IMAGE_SIZE = 128  # yolov1-tiny at 128 px: S = 2, fast enough to export in every run
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every BatchNorm non-trivial statistics, so that folding them changes the weights."""
+    g = torch.Generator().manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def make_tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomise_batchnorm(build_model("yolov1-tiny", image_size=IMAGE_SIZE), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    return export_onnx(tiny, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A stand-in weights file: the cache only ever reads its bytes."""
+    path = tmp_path / "weights" / "tiny.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"version 1")
+    return path
+
+
+@pytest.fixture
+def fake_exporter(exported, monkeypatch):
+    """Replace the exporter with a copy of the real export; record the paths it wrote."""
+    written = []
+
+    def copy_export(model, path, opset=None):
+        written.append(path)
+        return shutil.copyfile(exported, path)
+
+    monkeypatch.setattr(export, "export_onnx", copy_export)
+    return written
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_matches_pytorch_for_any_batch_size(tiny, exported, batch):
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    images = torch.rand(
+        batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1)
+    )
+    (grid,) = session.run(["grid"], {"images": images.numpy()})
+    with torch.no_grad():
+        expected = tiny(images)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(torch.from_numpy(grid), expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_export_has_named_io_and_a_dynamic_batch(tiny, exported):
+    graph = onnx.load(str(exported)).graph
+    assert [v.name for v in graph.input] == ["images"]
+    assert [v.name for v in graph.output] == ["grid"]
+    assert export._matches_model(exported, tiny)
+    assert not export._matches_model(exported, build_model("yolov1-tiny", image_size=192))
+
+
+def test_export_does_not_modify_the_model(tiny, exported):
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in tiny.modules())
+    untouched = make_tiny().state_dict()
+    for name, tensor in tiny.state_dict().items():
+        torch.testing.assert_close(tensor, untouched[name], rtol=0, atol=0)
+
+
+def test_failed_export_leaves_no_file(tiny, tmp_path, monkeypatch):
+    def failing_export(model, args, f, **kwargs):
+        f.write_bytes(b"half a model")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_onnx(tiny, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_key_follows_the_weights_content(weights, tmp_path):
+    first = cached_onnx_path(weights)
+    assert first.parent == weights.parent
+    assert first.name.startswith("tiny.") and first.suffix == ".onnx"
+    assert cached_onnx_path(weights) == first
+    assert cached_onnx_path(weights, tmp_path / "cache") == tmp_path / "cache" / first.name
+    weights.write_bytes(b"version 2")
+    assert cached_onnx_path(weights) != first
+
+
+def test_ensure_onnx_exports_once_then_reuses(tiny, weights, fake_exporter):
+    path = ensure_onnx(tiny, weights)
+    assert path == cached_onnx_path(weights)
+    mtime = path.stat().st_mtime_ns
+    assert ensure_onnx(tiny, weights) == path
+    assert fake_exporter == [path]
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_ensure_onnx_reexports_when_the_weights_change(tiny, weights, fake_exporter):
+    first = ensure_onnx(tiny, weights)
+    weights.write_bytes(b"version 2")
+    second = ensure_onnx(tiny, weights)
+    assert second != first
+    assert fake_exporter == [first, second]
+
+
+def test_ensure_onnx_replaces_a_corrupt_or_foreign_cache_file(tiny, weights, fake_exporter):
+    path = cached_onnx_path(weights)
+    path.write_bytes(b"not an onnx file")
+    assert ensure_onnx(tiny, weights) == path
+    assert fake_exporter == [path]
+    other = build_model("yolov1-tiny", image_size=192)  # a different signature: S = 3
+    assert ensure_onnx(other, weights) == path
+    assert fake_exporter == [path, path]
+
+
+def test_ensure_onnx_uses_the_given_cache_dir(tiny, weights, fake_exporter, tmp_path):
+    path = ensure_onnx(tiny, weights, tmp_path / "cache")
+    assert path == cached_onnx_path(weights, tmp_path / "cache")
+
+
+def test_ensure_onnx_falls_back_to_the_temp_dir_when_unwritable(
+    tiny, weights, fake_exporter, tmp_path, monkeypatch
+):
+    # A file where the cache directory should be: unwritable even for root, unlike chmod 0o555.
+    blocked = tmp_path / "blocked"
+    blocked.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-tmp"))
+    path = ensure_onnx(tiny, weights, blocked)
+    assert path == tmp_path / "system-tmp" / "yolov1-onnx" / cached_onnx_path(weights).name
+    assert ensure_onnx(tiny, weights, blocked) == path  # and it is found there next time
+    assert len(fake_exporter) == 1

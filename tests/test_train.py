@@ -1,0 +1,234 @@
+"""yolov1-train and yolov1-eval end to end on tiny synthetic data, plus the learning proof."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from builders import SHARED, make_voc, write_image
+
+from model import YOLOv1Loss, load_checkpoint
+from model.data import read_voc
+from model.evaluate import cli as eval_cli
+from model.train import TrainingError, get_args_parser, lr_factor, main, output_paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def toy_voc(tmp_path: Path) -> Path:
+    """Six 128x128 images with one or two white squares labelled cat/dog, in train and val."""
+    items = {}
+    for k in range(6):
+        x = 10 + 15 * k
+        objects = [("cat", x + 1, 20, x + 40, 60, 0)]
+        if k % 2:
+            objects.append(("dog", 70, 70, 120, 120, 0))
+        items[f"img{k}"] = (128, 128, objects)
+    root = make_voc(tmp_path / "voc", items)
+    for image_id, (_, _, objects) in items.items():
+        boxes = [(x1 - 1, y1 - 1, x2, y2) for _, x1, y1, x2, y2, _ in objects]
+        write_image(root / "JPEGImages" / f"{image_id}.png", 128, 128, boxes)
+    (root / "ImageSets" / "Main" / "val.txt").write_text("img0\nimg1\n")
+    return root
+
+
+def train_args(data: Path, out: Path, *extra: str):
+    return get_args_parser().parse_args(
+        ["--data", str(data), "--arch", "yolov1-tiny", "--img-size", "128", "--epochs", "2",
+         "--batch-size", "4", "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0",
+         "--no-progress", "--out", str(out), *extra]
+    )  # fmt: skip
+
+
+def test_lr_schedule_follows_the_paper():
+    steps, epochs = 10, 135
+    assert lr_factor(0, steps, epochs, 1, "step") == pytest.approx(0.1)  # 1e-3 of 1e-2
+    assert lr_factor(10, steps, epochs, 1, "step") == 1.0
+    assert lr_factor(74 * steps, steps, epochs, 1, "step") == 1.0
+    assert lr_factor(76 * steps, steps, epochs, 1, "step") == pytest.approx(0.1)
+    assert lr_factor(106 * steps, steps, epochs, 1, "step") == pytest.approx(0.01)
+    assert lr_factor(epochs * steps, steps, epochs, 1, "cosine") == pytest.approx(0.01)
+
+
+def test_train_writes_servable_best_last_state_and_log(toy_voc, tmp_path):
+    out = tmp_path / "run" / "w.safetensors"
+    best = main(train_args(toy_voc, out))
+    paths = output_paths(out)
+    assert best == out
+    for key in ("best", "last", "state", "csv"):
+        assert paths[key].is_file(), key
+    model, meta = load_checkpoint(best)
+    assert meta["arch"] == "yolov1-tiny" and meta["image_size"] == 128
+    assert meta["training"]["epochs_done"] >= 1
+    assert meta["training"]["val_map50_11point"] is not None
+    assert len(paths["csv"].read_text().splitlines()) == 3  # header + 2 epochs
+    # The servable file holds only model tensors: no optimizer state.
+    assert best.stat().st_size < paths["state"].stat().st_size
+
+
+def test_resume_continues_from_the_saved_epoch(toy_voc, tmp_path):
+    out = tmp_path / "w.safetensors"
+    main(train_args(toy_voc, out, "--epochs", "1"))
+    state = torch.load(output_paths(out)["state"], weights_only=True)
+    assert int(state["epoch"]) == 0
+    main(train_args(toy_voc, out, "--epochs", "2", "--resume"))
+    state = torch.load(output_paths(out)["state"], weights_only=True)
+    assert int(state["epoch"]) == 1
+    assert len(output_paths(out)["csv"].read_text().splitlines()) == 3
+
+
+def test_init_from_checkpoint_with_other_classes(toy_voc, tmp_path):
+    first = tmp_path / "a.safetensors"
+    main(train_args(toy_voc, first, "--epochs", "1"))
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    second = tmp_path / "b.safetensors"
+    main(train_args(toy_voc, second, "--epochs", "1", "--max-steps", "1", "--init", str(first),
+                    "--class-names", str(names)))  # fmt: skip
+    a, _ = load_checkpoint(first)
+    b, meta = load_checkpoint(second)
+    assert meta["class_names"] == ["cat", "dog"]
+    # The first conv came from the first run (then one step of training moved it a little).
+    w_a, w_b = a.darknet[0].conv.weight, b.darknet[0].conv.weight
+    assert torch.nn.functional.cosine_similarity(w_a.flatten(), w_b.flatten(), dim=0) > 0.99
+
+
+def test_non_finite_loss_stops_without_writing_weights(toy_voc, tmp_path, monkeypatch):
+    def nan_terms(self, pred, target):
+        return {"coord": pred.sum() * float("nan")}
+
+    monkeypatch.setattr(YOLOv1Loss, "terms", nan_terms)
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(TrainingError, match="non-finite"):
+        main(train_args(toy_voc, out))
+    assert not out.exists() and not output_paths(out)["last"].exists()
+
+
+def test_ctrl_c_saves_last_and_state(toy_voc, tmp_path, monkeypatch):
+    from model import train as train_module
+
+    calls = {"n": 0}
+    original = train_module.Trainer.train_epoch
+
+    def interrupted(self, epoch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_module.Trainer, "train_epoch", interrupted)
+    out = tmp_path / "w.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        main(train_args(toy_voc, out))
+    assert output_paths(out)["last"].is_file() and output_paths(out)["state"].is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data", "/nonexistent/voc"], "nonexistent"),
+        (["--data", "{voc}", "--img-size", "100"], "img_size|image_size"),
+        (["--data", "{voc}", "--resume"], "no training state"),
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(toy_voc, tmp_path, argv, message):
+    argv = [a.replace("{voc}", str(toy_voc)) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.train", *argv, "--out", str(tmp_path / "w.safetensors"),
+         "--workers", "0", "--arch", "yolov1-tiny"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    import re
+
+    assert re.search(message, error_lines[0])
+
+
+def test_eval_cli_prints_table_and_writes_json(toy_voc, tmp_path, capsys):
+    out = tmp_path / "w.safetensors"
+    main(train_args(toy_voc, out, "--epochs", "1"))
+    report = tmp_path / "eval.json"
+    eval_cli(["--weights", str(out), "--data", str(toy_voc), "--split", "val",
+              "--json", str(report), "--device", "cpu"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "mAP@0.5" in printed and "images/s" in printed and "cat" in printed
+    import json
+
+    result = json.loads(report.read_text())
+    assert set(result) >= {"map50_11point", "map50_all", "map_coco", "ap50_11point"}
+    assert len(result["ap50_all"]) == 20
+
+
+def test_eval_cli_bad_weights_is_one_line(tmp_path, toy_voc):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not safetensors")
+    proc = subprocess.run(
+        [sys.executable, "-m", "model.evaluate", "--weights", str(bad), "--data", str(toy_voc)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "bad.safetensors" in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_hold_identical_weights(toy_voc, tmp_path):
+    if shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(REPO / "tests" / "ddp_worker.py"),
+         str(toy_voc), str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    initial = torch.load(tmp_path / "rank0-initial.pt", weights_only=True)
+    assert ranks[0].keys() == ranks[1].keys()
+    for name in ranks[0]:
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
+    moved = any(not torch.equal(initial[k], ranks[0][k]) for k in initial)
+    assert moved, "the ranks must have trained, not just agreed on the initial weights"
+
+
+def pick_sparse_images(root: Path, count: int, max_objects: int) -> list[str]:
+    """The first ``count`` train images with at most ``max_objects`` objects, none difficult."""
+    chosen = []
+    for ann in read_voc(root, "train"):
+        if len(ann.labels) <= max_objects and not ann.difficult.any():
+            chosen.append(ann.image_path.stem)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError("not enough sparse images")
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_tiny_model_learns_eight_real_images(tmp_path):
+    """Targets, loss and decoding fit together: 8 real VOC images are learnt to mAP >= 0.9."""
+    source = SHARED / "datasets" / "voc2007_subset"
+    if not source.is_dir():
+        pytest.skip(f"shared data set not present at {source}")
+    root = tmp_path / "voc8"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    (root / "JPEGImages").symlink_to(source / "JPEGImages")
+    (root / "Annotations").symlink_to(source / "Annotations")
+    ids = pick_sparse_images(source, 8, max_objects=3)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids) + "\n")
+    args = get_args_parser().parse_args(
+        ["--data", str(root), "--val-split", "train", "--arch", "yolov1-tiny", "--img-size", "256",
+         "--epochs", "60", "--batch-size", "8", "--optimizer", "adamw", "--lr", "1e-3",
+         "--weight-decay", "0", "--schedule", "cosine", "--warmup-epochs", "5",
+         "--eval-every", "20", "--no-augment", "--workers", "0", "--no-progress",
+         "--out", str(tmp_path / "w.safetensors")]
+    )  # fmt: skip
+    best = main(args)
+    _, meta = load_checkpoint(best)
+    assert meta["training"]["val_map50_11point"] >= 0.9
