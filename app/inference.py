@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
 
 from app.backends import Backend, create_backend
@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _SWAPS_AXES = {5, 6, 7, 8}  # orientations that rotate by 90 degrees
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 BOX_COLOUR = (255, 64, 32)
@@ -69,15 +79,15 @@ def decode_image(data: bytes, size: int, max_pixels: int, keep_image: bool = Fal
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise UnsupportedImage("not a JPEG, PNG, WebP or BMP image") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from None
+    except Image.DecompressionBombError:  # PIL's own guard, far over the limit
+        raise ImageTooLarge(f"image is over the limit of {max_pixels} pixels") from None
     except Exception as exc:  # a recognised but malformed header
         raise CorruptImage(f"cannot read the image header ({exc})") from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
             raise ImageTooLarge(
-                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels"
             )
         try:
             return _decode(image, size, keep_image)
@@ -89,14 +99,17 @@ def decode_image(data: bytes, size: int, max_pixels: int, keep_image: bool = Fal
 
 def _decode(image: Image.Image, size: int, keep_image: bool) -> DecodedImage:
     width, height = image.size
-    if image.getexif().get(_EXIF_ORIENTATION, 1) in _SWAPS_AXES:
+    orientation = _orientation(image)
+    if orientation in _SWAPS_AXES:
         width, height = height, width
     if image.format == "JPEG" and not keep_image:
         # Decode at 1/2, 1/4 or 1/8 scale when that still covers the input size: the cost
         # then follows the network's input, not the upload. The size changes; the geometry
         # (``width``, ``height`` above) does not.
         image.draft("RGB", (size, size))
-    oriented = _to_rgb(ImageOps.exif_transpose(image))
+    if orientation in _UPRIGHT:
+        image = image.transpose(_UPRIGHT[orientation])
+    oriented = _to_rgb(image)
     pixels = F.pil_to_tensor(oriented)  # (3, h, w) uint8
     # As at evaluation (model.data.build_transform): plain antialiased resize, then [0, 1].
     resized = F.resize(pixels, [size, size], antialias=True)  # (3, size, size)
@@ -104,11 +117,20 @@ def _decode(image: Image.Image, size: int, keep_image: bool) -> DecodedImage:
     return DecodedImage(tensor, width, height, oriented if keep_image else None)
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag, 1 (as stored) when absent, unreadable or invalid."""
+    try:
+        value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block must not make a decodable image unusable
+        return 1
+    return value if isinstance(value, int) and value in _UPRIGHT else 1
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         # convert("RGB") clips 16-bit values at 255 (a white image): keep the top 8 bits.
         grey = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-        image = Image.fromarray(grey.astype(np.uint8), mode="L")
+        image = Image.fromarray(grey.astype(np.uint8))  # (h, w) uint8: mode L
     return image.convert("RGB")
 
 

@@ -12,8 +12,9 @@ import functools
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 from typing import Any
 
@@ -24,11 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from app.batcher import BatcherStopped, BatchFailed, QueueFull
 from app.inference import CorruptImage, ImageTooLarge, UnsupportedImage
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestMetricsMiddleware
+from app.openapi import DETECTION_UPLOADS, complete_schema
 from app.routes import detect, health, model
 from app.routes import metrics as metrics_route
 from app.service import ClientDisconnected, DeadlineExceeded, Service, StartupError, Unavailable
@@ -61,7 +64,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await service.start()
     except StartupError as exc:
-        logger.debug("startup failed", exc_info=True)
         app.state.startup_error = str(exc)
         raise
     try:
@@ -76,34 +78,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics(settings.max_batch_size)
     app = FastAPI(
         title="YOLOv1 detection service",
-        version="0.1.0",
+        version=_package_version(),
         summary="Micro-batched YOLOv1 object detection over HTTP.",
         lifespan=lifespan,
+        # Operation ids (and generated clients' function names) are the handlers' names.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = Service(settings, metrics)
     app.state.startup_error = None
-    for router in (detect.router, model.router, health.router, metrics_route.router):
+    routers = (detect.router, model.router, health.router, metrics_route.router)
+    for router in routers:
         app.include_router(router)
+    paths = [r.path for r in app.routes if isinstance(r, Route)]  # the docs
+    paths += [r.path for router in routers for r in router.routes if isinstance(r, Route)]
 
     single = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     batch = settings.max_batch_size * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(OneLineStartupFailure, startup_error=lambda: app.state.startup_error)
     app.add_middleware(
         BodyLimitMiddleware,
-        limits={"/v1/detect": single, "/v1/detect/render": single, "/v1/detect/batch": batch},
+        limits={
+            path: batch if field == "images" else single
+            for path, field in DETECTION_UPLOADS.items()
+        },
         on_reject=lambda: metrics.reject("too_large"),
     )
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every answer
+    app.add_middleware(  # outermost: sees every answer
+        RequestMetricsMiddleware, metrics=metrics, routes=paths
+    )
 
     for error in ERROR_STATUS:
         app.add_exception_handler(error, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.openapi = functools.partial(_openapi_with_binary_files, app, app.openapi)  # type: ignore[method-assign]
+    app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _package_version() -> str:
+    try:
+        return version("yolov1-service")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0+unknown"
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -132,29 +151,24 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
-def _openapi_with_binary_files(app: FastAPI, build: Any) -> dict[str, Any]:
-    """The schema, with upload fields marked ``format: binary``.
+def _openapi(app: FastAPI, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if app.openapi_schema is None:  # build() caches its result there
+        settings: Settings = app.state.settings
+        complete_schema(
+            build(), settings.max_batch_size, bool(settings.api_keys), _class_names(app)
+        )
+    return app.openapi_schema
 
-    FastAPI describes ``UploadFile`` as ``contentMediaType: application/octet-stream`` only;
-    generators such as openapi-python-client then type the field as text and the upload
-    fails with 422. ``format: binary`` makes them send a file.
-    """
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    schema = build()
 
-    def mark(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "string" and "contentMediaType" in node:
-                node["format"] = "binary"
-            for value in node.values():
-                mark(value)
-        elif isinstance(node, list):
-            for value in node:
-                mark(value)
-
-    mark(schema.get("components", {}).get("schemas", {}))
-    return schema
+def _class_names(app: FastAPI) -> list[str] | None:
+    """The served classes: from the loaded model, else from the checkpoint's header if any."""
+    service: Service = app.state.service
+    if service.detector is not None:
+        return service.detector.class_names
+    try:
+        return list(read_metadata(service.settings.weights)["class_names"])
+    except CheckpointError:
+        return None
 
 
 @functools.cache
@@ -222,7 +236,9 @@ class DrainingServer(uvicorn.Server):
 
 def run() -> None:
     """``yolov1-serve``: check the settings and the weights, then serve with one worker."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
+    for ours in ("app", "model"):  # INFO from the project; only warnings from libraries
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
         settings = Settings()
         read_metadata(settings.weights)  # fail before uvicorn starts: one line, no traceback

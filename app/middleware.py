@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
@@ -14,11 +14,16 @@ from app.metrics import Metrics
 
 
 class RequestMetricsMiddleware:
-    """Count requests by route template and status, and time them."""
+    """Count requests by route and status, and time them.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    The label is the path when it is one of ``routes`` (all static), else ``unmatched``, so
+    that scanners cannot grow the label set; it also names requests refused before routing.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Collection[str]):
         self.app = app
         self.metrics = metrics
+        self.routes = frozenset(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,8 +41,7 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            # The router records the matched route in the scope; templates keep labels few.
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = scope["path"] if scope["path"] in self.routes else "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
 

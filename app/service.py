@@ -65,6 +65,7 @@ class Service:
         self.batcher: Batcher[Job, dict[str, torch.Tensor]] | None = None
         self.draining = False
         self._in_flight = 0
+        self._decoding = 0  # images admitted and not yet queued: they hold queue slots too
         self._idle = asyncio.Event()
         self._idle.set()
         self._decode_pool: ThreadPoolExecutor | None = None
@@ -85,8 +86,11 @@ class Service:
             logger.debug("startup failed", exc_info=True)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StartupError(f"cannot start: {message}") from exc
-        # Backstop for our own header check: PIL refuses what is far over the limit on open.
-        Image.MAX_IMAGE_PIXELS = s.max_image_pixels
+        # PIL's own decompression-bomb guard refuses, as it opens them, images far over its
+        # limit; decode_image checks ours first. Raise PIL's if needed, so it never refuses
+        # what we accept (it is process-wide, hence never lowered).
+        if Image.MAX_IMAGE_PIXELS is not None and s.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = s.max_image_pixels
         self.detector = detector
         self._decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
         self.batcher = Batcher(
@@ -99,9 +103,9 @@ class Service:
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
         self.batcher.start()
         logger.info(
-            "ready: %s (version %s) on %s via %s, %s",
+            "ready: %s (version %s) on %s via %s, %s; API keys %s",
             s.weights.name, detector.version, detector.backend.device, detector.backend.name,
-            detector.backend.dtype,
+            detector.backend.dtype, f"on ({len(s.api_keys)})" if s.api_keys else "off",
         )  # fmt: skip
 
     @property
@@ -140,6 +144,7 @@ class Service:
     ) -> DetectOptions:
         """Request parameters with the settings' defaults; ``ValueError`` names unknown classes."""
         class_ids = None
+        class_names = [name for name in class_names or () if name]  # "?classes=": no filter
         if class_names:
             known = self.loaded_detector().class_names
             unknown = sorted(set(class_names) - set(known))
@@ -218,10 +223,18 @@ class Service:
             keep_image=keep_image,
         )
         loop = asyncio.get_running_loop()
-        images: list[DecodedImage] = await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, decode, data) for data in uploads)
-        )
-        futures = self.batcher.submit([Job(image.tensor, options) for image in images])
+        self._decoding += len(uploads)  # no await since _admit counted them: still in bounds
+        try:
+            decoded = await asyncio.gather(
+                *(loop.run_in_executor(self._decode_pool, decode, data) for data in uploads),
+                return_exceptions=True,  # let every decode finish; report the first bad upload
+            )
+            if errors := [e for e in decoded if isinstance(e, BaseException)]:
+                raise errors[0]
+            images: list[DecodedImage] = decoded
+            futures = self.batcher.submit([Job(image.tensor, options) for image in images])
+        finally:
+            self._decoding -= len(uploads)
         deadline = started + self.settings.request_timeout_s
         done = await self._wait(futures, deadline, disconnected)
         total_ms = (time.monotonic() - started) * 1000
@@ -231,12 +244,16 @@ class Service:
         ]
 
     def _admit(self, n_images: int) -> None:
-        """Refuse early, before anything is decoded, when the answer would be a 503 anyway."""
+        """Refuse before anything is decoded when the answer would be a 503 anyway.
+
+        Images being decoded count against ``max_queue`` with the queued ones, so a burst is
+        refused at once instead of being decoded and then refused.
+        """
         if self.draining:
             raise Unavailable("draining", "service is draining for shutdown")
         if not self.ready:
             raise Unavailable("not_ready", "the model is still loading")
-        if not self.batcher.has_room(n_images):
+        if not self.batcher.has_room(self._decoding + n_images):
             raise QueueFull("queue is full, retry later")
 
     async def _wait(
@@ -256,7 +273,7 @@ class Service:
             if gathered in finished:
                 return gathered.result()
             if gone in finished:
-                raise ClientDisconnected("client disconnected while queued")
+                raise ClientDisconnected("the client disconnected before its answer")
             raise DeadlineExceeded(
                 f"deadline of {self.settings.request_timeout_s:g} s passed before the answer"
             )

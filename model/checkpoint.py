@@ -153,7 +153,8 @@ def load_checkpoint(
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(ref.shape):
                     raise CheckpointError(
-                        path, f"tensor {name} has shape {shape}, metadata implies {tuple(ref.shape)}"
+                        path,
+                        f"tensor {name} has shape {shape}, metadata implies {tuple(ref.shape)}",
                     )
                 state[name] = f.get_tensor(name).to(ref.dtype)
     except CheckpointError:

@@ -102,7 +102,9 @@ class YOLOv1(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         x = self.darknet(x)  # (N, channels, S, S)
         S = self.grid_size
-        return self.fcs(x).view(-1, S, S, self.num_classes + 5 * self.boxes_per_cell)  # (N,S,S,C+5B)
+        return self.fcs(x).view(
+            -1, S, S, self.num_classes + 5 * self.boxes_per_cell
+        )  # (N,S,S,C+5B)
 
 
 def build_model(

@@ -55,7 +55,9 @@ class GridCollate:
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = detection_collate(batch)
         grids = [
-            encode_targets(t["boxes"][~t["difficult"]], t["labels"][~t["difficult"]], self.S, self.C)
+            encode_targets(
+                t["boxes"][~t["difficult"]], t["labels"][~t["difficult"]], self.S, self.C
+            )
             for t in targets
         ]
         return images, torch.stack(grids)  # (N, 3, H, W), (N, S, S, C+5)
@@ -349,8 +351,10 @@ class Trainer:
                 val = None
                 last_epoch = epoch + 1 == args.epochs
                 stop = bool(args.max_steps and self.step >= args.max_steps)
-                if self.main_process and self.val_ann and (
-                    (epoch + 1) % args.eval_every == 0 or last_epoch or stop
+                if (
+                    self.main_process
+                    and self.val_ann
+                    and ((epoch + 1) % args.eval_every == 0 or last_epoch or stop)
                 ):
                     preds = predict(self.model, self.val_ann, self.device, args.batch_size)
                     val = score(preds, self.val_ann, len(self.class_names))
@@ -375,7 +379,9 @@ class Trainer:
         except KeyboardInterrupt:
             if self.main_process:
                 self.save(max(epoch, 0), None, best=not self.paths["best"].exists())
-                logger.warning("interrupted: saved %s and %s", self.paths["last"], self.paths["state"])
+                logger.warning(
+                    "interrupted: saved %s and %s", self.paths["last"], self.paths["state"]
+                )
             raise
         if self.main_process and self.train_seconds > 0:
             rate = self.images_seen / self.train_seconds

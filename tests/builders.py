@@ -11,8 +11,6 @@ from PIL import Image
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-
-
 def write_image(
     path: Path, width: int, height: int, white_boxes_xyxy: tuple = (), exif_orientation: int = 1
 ) -> None:

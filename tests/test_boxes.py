@@ -12,7 +12,9 @@ def random_boxes_one_per_cell(S: int, generator: torch.Generator) -> torch.Tenso
     offset = torch.rand(len(cells), 2, generator=generator) * 0.98 + 0.01
     cx, cy = (j + offset[:, 0]) / S, (i + offset[:, 1]) / S
     wh = torch.rand(len(cells), 2, generator=generator) * 0.5 + 0.01
-    boxes = torch.stack((cx - wh[:, 0] / 2, cy - wh[:, 1] / 2, cx + wh[:, 0] / 2, cy + wh[:, 1] / 2))
+    boxes = torch.stack(
+        (cx - wh[:, 0] / 2, cy - wh[:, 1] / 2, cx + wh[:, 0] / 2, cy + wh[:, 1] / 2)
+    )
     return boxes.T.contiguous()
 
 

@@ -89,7 +89,7 @@ def rewrite_metadata(src, dst, **changes):
     from safetensors import safe_open
 
     with safe_open(str(src), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         meta = json.loads(f.metadata()[METADATA_KEY])
     meta.update(changes)
     save_file(tensors, str(dst), metadata={METADATA_KEY: json.dumps(meta)})

@@ -6,10 +6,10 @@ import importlib
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from app.settings import Settings
@@ -64,7 +64,10 @@ def test_console_scripts_exist():
 def test_compose_service_agrees_with_settings(compose, defaults):
     service = compose["services"]["yolov1"]
     assert f"8000:{defaults.port}" in service["ports"]
-    assert healthcheck_url(" ".join(service["healthcheck"]["test"])) == f":{defaults.port}/health/ready"
+    assert (
+        healthcheck_url(" ".join(service["healthcheck"]["test"]))
+        == f":{defaults.port}/health/ready"
+    )
     volumes = service["volumes"]
     assert any(v.endswith(":ro") and "weights" in v for v in volumes), "read-only weights"
     weights = service["environment"]["YOLOV1_WEIGHTS"]

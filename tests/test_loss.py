@@ -111,7 +111,7 @@ def test_second_predictor_of_an_object_cell_gets_the_noobj_term():
     S, B, C = 1, 2, 1
     target = encode_targets(torch.tensor([[0.25, 0.25, 0.75, 0.75]]), torch.tensor([0]), S, C)[None]
     pred = torch.zeros(1, S, S, C + 5 * B)
-    pred[..., C : C + 5] = torch.tensor([1.0, 0.5, 0.5, 0.5 ** 0.5, 0.5 ** 0.5])  # exact box
+    pred[..., C : C + 5] = torch.tensor([1.0, 0.5, 0.5, 0.5**0.5, 0.5**0.5])  # exact box
     pred[..., C + 5] = 0.8  # the other predictor's confidence
     terms = YOLOv1Loss(S, B, C).terms(pred, target)
     assert terms["noobj"].item() == pytest.approx(0.5 * 0.8**2)

@@ -17,7 +17,10 @@ def naive_postprocess(pred, B, C, conf_threshold, iou_threshold, max_detections)
                 for b in range(B):
                     conf, x, y, sw, sh = cell[C + 5 * b : C + 5 * b + 5].tolist()
                     cx, cy, w, h = (j + x) / S, (i + y) / S, sw * sw, sh * sh
-                    box = [min(max(v, 0.0), 1.0) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)]
+                    box = [
+                        min(max(v, 0.0), 1.0)
+                        for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+                    ]
                     for c in range(C):
                         score = max(conf, 0.0) * max(cell[c].item(), 0.0)
                         if score > conf_threshold:
@@ -62,7 +65,7 @@ def one_box_pred(S=7, B=2, C=20):
 
 
 def test_overlapping_boxes_of_different_classes_both_survive():
-    S, B, C = 7, 2, 20
+    B, C = 2, 20
     pred = one_box_pred()
     # Two predictors in one cell, nearly the same box, classes dog (11) and cat (7).
     pred[0, 3, 3, C : C + 5] = torch.tensor([0.9, 0.5, 0.5, 0.5, 0.5])
@@ -76,7 +79,7 @@ def test_overlapping_boxes_of_different_classes_both_survive():
 
 
 def test_a_box_may_yield_several_classes_and_negatives_do_not_multiply():
-    S, B, C = 7, 2, 20
+    B, C = 2, 20
     pred = one_box_pred()
     pred[0, 0, 0, C : C + 5] = torch.tensor([0.8, 0.5, 0.5, 0.3, 0.3])
     pred[0, 0, 0, [1, 2]] = torch.tensor([0.9, 0.5])

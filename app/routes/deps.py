@@ -77,7 +77,7 @@ Options = Annotated[DetectOptions, Depends(detect_options)]
 async def read_upload(upload: UploadFile, limit: int) -> bytes:
     """The file's bytes; 413 when it is over ``limit`` (the body limit caught larger bodies)."""
     if upload.size is not None and upload.size > limit:
-        raise HTTPException(413, f"upload is {upload.size} bytes; the limit is {limit}")
+        raise HTTPException(413, f"upload is {upload.size} bytes, over the limit of {limit} bytes")
     data = await upload.read(limit + 1)
     if len(data) > limit:
         raise HTTPException(413, f"upload is over the limit of {limit} bytes")

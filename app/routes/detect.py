@@ -36,7 +36,8 @@ async def detect_batch(
     service: ServiceDep,
     options: Options,
     images: Annotated[
-        list[UploadFile], File(description="Up to YOLOV1_MAX_BATCH_SIZE images (repeat the field).")
+        list[UploadFile],
+        File(min_length=1, description="Up to YOLOV1_MAX_BATCH_SIZE images (repeat the field)."),
     ],
 ) -> BatchDetectionResult:
     limit = service.settings.max_batch_size

@@ -1,0 +1,165 @@
+"""Upload decoding: formats, the pixel limit from the header, EXIF orientation, odd modes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.inference import CorruptImage, ImageTooLarge, UnsupportedImage, decode_image
+
+SIZE = 128
+LIMIT = 40_000_000
+
+# EXIF orientation -> the transpose that undoes exif_transpose (which maps stored -> upright).
+STORE = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", orientation: int | None = None, **kw) -> bytes:
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    image.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def upright(width: int, height: int) -> Image.Image:
+    """Black, with the top-left quarter white: any wrong rotation or flip moves it."""
+    image = Image.new("RGB", (width, height))
+    image.paste((255, 255, 255), (0, 0, width // 2, height // 2))
+    return image
+
+
+def png(width: int, height: int, pixels: bytes = b"") -> bytes:
+    """A PNG that declares ``width`` x ``height``; ``pixels`` is its (compressed) data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(pixels)) + chunk(b"IEND", b""))  # fmt: skip
+
+
+def quadrant_means(tensor: torch.Tensor) -> list[float]:
+    half = SIZE // 2
+    q = tensor.mean(0)
+    return [q[:half, :half].mean(), q[:half, half:].mean(), q[half:, :half].mean(),
+            q[half:, half:].mean()]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_gives_the_upright_image_and_its_size(orientation, fmt):
+    shown = upright(96, 64)
+    stored = shown if STORE[orientation] is None else shown.transpose(STORE[orientation])
+    decoded = decode_image(encode(stored, fmt, orientation), SIZE, LIMIT)
+    assert (decoded.width, decoded.height) == (96, 64)
+    top_left, *others = quadrant_means(decoded.tensor)
+    assert top_left > 0.9 and max(others) < 0.1
+
+
+def test_a_broken_exif_orientation_is_ignored():
+    exif = Image.Exif()
+    exif[0x0112] = 77  # no such orientation
+    data = encode(upright(96, 64), "JPEG", exif=exif.tobytes())
+    decoded = decode_image(data, SIZE, LIMIT)
+    assert (decoded.width, decoded.height) == (96, 64)
+    garbage = encode(upright(96, 64), "JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff")
+    assert decode_image(garbage, SIZE, LIMIT).width == 96
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_reports_its_full_oriented_size():
+    shown = upright(2400, 1600)
+    data = encode(shown.transpose(STORE[6]), "JPEG", orientation=6)
+    decoded = decode_image(data, SIZE, LIMIT)
+    assert (decoded.width, decoded.height) == (2400, 1600)
+    assert decoded.tensor.shape == (3, SIZE, SIZE) and decoded.tensor.dtype == torch.float32
+    top_left, *others = quadrant_means(decoded.tensor)
+    assert top_left > 0.9 and max(others) < 0.1
+    kept = decode_image(data, SIZE, LIMIT, keep_image=True)
+    assert kept.image is not None and kept.image.size == (2400, 1600)  # full size for drawing
+
+
+@pytest.mark.parametrize("side", [7000, 100_000])  # under and over twice PIL's own limit
+def test_a_decompression_bomb_is_refused_from_its_header(side):
+    # 100000 x 100000 RGB would take 30 GB decoded; the file is a hundred bytes.
+    with pytest.raises(ImageTooLarge, match="over the limit of 40000000 pixels"):
+        decode_image(png(side, side), SIZE, LIMIT)
+    with pytest.raises(ImageTooLarge, match="40x30 pixels, over the limit of 1000"):
+        decode_image(encode(upright(40, 30)), SIZE, max_pixels=1000)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"", CorruptImage),
+        (np.random.default_rng(0).bytes(5000), UnsupportedImage),
+        (encode(Image.new("RGB", (8, 8)), "GIF"), UnsupportedImage),
+        (encode(Image.new("RGB", (8, 8)), "TIFF"), UnsupportedImage),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedImage),
+        (encode(upright(300, 200), "JPEG")[:600], CorruptImage),
+        (encode(upright(300, 200), "PNG")[:120], CorruptImage),
+        (encode(upright(300, 200), "WEBP")[:100], CorruptImage),
+        (png(64, 64), CorruptImage),
+    ],
+    ids=["empty", "random", "gif", "tiff", "svg", "cut-jpeg", "cut-png", "cut-webp", "no-data"],
+)
+def test_unusable_uploads_raise_the_matching_error(data, error):
+    with pytest.raises(error):
+        decode_image(data, SIZE, LIMIT)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (50, 40), 128),
+        Image.new("RGBA", (50, 40), (10, 20, 30, 0)),
+        Image.new("P", (50, 40), 3),
+        Image.new("1", (50, 40), 1),
+        Image.new("RGB", (1, 1), (255, 0, 0)),
+        Image.new("RGB", (1, 10000), (0, 255, 0)),
+    ],
+    ids=["grey", "rgba", "palette", "bilevel", "1x1", "1x10000"],
+)
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP"])
+def test_odd_modes_and_shapes_decode_to_rgb(image, fmt):
+    if fmt == "WEBP" and image.mode in ("1", "P"):
+        image = image.convert("RGB")
+    decoded = decode_image(encode(image, fmt), SIZE, LIMIT)
+    assert decoded.tensor.shape == (3, SIZE, SIZE)
+    assert decoded.tensor.min() >= 0 and decoded.tensor.max() <= 1
+    assert (decoded.width, decoded.height) == image.size
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    decoded = decode_image(encode(Image.fromarray(ramp)), SIZE, LIMIT)
+    row = decoded.tensor[0, 0]
+    assert row[0] < 0.05 and row[-1] > 0.95  # not clipped to white
+    assert torch.all(row[1:] >= row[:-1] - 1e-6)
+
+
+def test_cmyk_jpeg_is_converted():
+    data = encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG")
+    decoded = decode_image(data, SIZE, LIMIT)
+    red, green, blue = decoded.tensor.mean((1, 2)).tolist()
+    assert red > 0.8 and green < 0.2 and blue < 0.2
