@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -97,6 +97,7 @@ class Batcher(Generic[T, R]):
         self._closed = False
         self._consumer: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._running: Future | None = None  # the batch in the worker thread, if any
 
     @property
     def queue_depth(self) -> int:
@@ -106,6 +107,11 @@ class Batcher(Generic[T, R]):
     @property
     def running(self) -> bool:
         return self._consumer is not None and not self._consumer.done() and not self._closed
+
+    @property
+    def busy(self) -> bool:
+        """A batch runs in the worker thread (also one that ``stop`` gave up waiting for)."""
+        return self._running is not None and not self._running.done()
 
     def has_room(self, n: int) -> bool:
         return len(self._queue) + n <= self.max_queue
@@ -138,12 +144,23 @@ class Batcher(Generic[T, R]):
         self._arrived.set()
         return futures
 
-    async def stop(self) -> None:
-        """Take no more items, run those already queued, then end the consumer."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Take no more items, run those already queued, then end the consumer.
+
+        After ``timeout_s`` (``None``: no limit) the items still waiting or running are failed
+        with ``BatcherStopped`` instead; a batch already in the worker thread cannot be
+        interrupted and is left to finish there (``busy`` says whether it still runs).
+        """
         self._closed = True
         self._arrived.set()
-        if self._consumer is not None:
-            await asyncio.shield(self._consumer)
+        if self._consumer is not None and not self._consumer.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._consumer), timeout_s)
+            except asyncio.TimeoutError:
+                logger.warning("stop: gave up waiting for the batches after %g s", timeout_s)
+                self._consumer.cancel()  # fails the running batch and the queue: see _run
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._consumer
         self._executor.shutdown(wait=False)
 
     def _forget(self, pending: _Pending[T, R]) -> None:
@@ -157,9 +174,12 @@ class Batcher(Generic[T, R]):
             while batch := await self._next_batch():
                 await self._run(batch)
         finally:
-            # Only reached with items left if the loop itself broke: answer them anyway.
+            # Items are left only if stop() gave up waiting or the loop broke: answer them.
             while self._queue:
-                _fail(self._queue.popleft().future, BatcherStopped("the batcher stopped"))
+                _fail(
+                    self._queue.popleft().future,
+                    BatcherStopped("the service stopped before this request ran"),
+                )
 
     async def _next_batch(self) -> list[_Pending[T, R]]:
         """Wait for work, keep the window open, then take up to ``max_batch_size`` live items.
@@ -194,17 +214,15 @@ class Batcher(Generic[T, R]):
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         started = time.monotonic()
         queue_s = tuple(started - p.enqueued for p in batch)
-        loop = asyncio.get_running_loop()
         failed = False
         try:
-            results = await loop.run_in_executor(
-                self._executor, self.run_batch, [p.item for p in batch]
-            )
+            self._running = self._executor.submit(self.run_batch, [p.item for p in batch])
+            results = await asyncio.wrap_future(self._running)
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)}")
         except asyncio.CancelledError:
             for p in batch:
-                _fail(p.future, BatcherStopped("the batcher was cancelled"))
+                _fail(p.future, BatcherStopped("the service stopped before this batch finished"))
             raise
         except Exception as exc:
             failed = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -254,7 +255,14 @@ def run() -> None:
         lifespan="on",
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
     )
-    DrainingServer(config, app.state.service, settings.drain_timeout_s).run()
+    service: Service = app.state.service
+    DrainingServer(config, service, settings.drain_timeout_s).run()
+    if service.batcher is not None and service.batcher.busy:
+        # The grace period ended inside a batch, whose clients got a 503. The interpreter would
+        # join the inference thread at exit and wait for the batch, however long it takes.
+        logger.warning("exiting with a batch still running: the drain timeout passed")
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

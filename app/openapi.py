@@ -38,7 +38,8 @@ def complete_schema(
         form["encoding"] = {field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}}
         for parameter in operation["parameters"]:
             if parameter["name"] == "classes" and class_names:
-                parameter["schema"]["anyOf"][0]["items"]["enum"] = list(class_names)
+                # "" is accepted too and filters nothing (``?classes=`` from a form or a script).
+                parameter["schema"]["anyOf"][0]["items"]["enum"] = [*class_names, ""]
     if not auth:
         schema["components"].pop("securitySchemes", None)
         for operations in schema["paths"].values():

@@ -117,14 +117,20 @@ class Service:
         self.draining = True
 
     async def drain(self, timeout_s: float) -> None:
-        """Refuse new detections and wait (at most ``timeout_s``) for admitted ones to finish."""
+        """Refuse new detections and wait (at most ``timeout_s``) for admitted ones to finish.
+
+        Those still unanswered after ``timeout_s`` get a 503 (``BatcherStopped``) at once, so
+        that each client has its answer before the server closes the connections.
+        """
         self.begin_drain()
         if self._in_flight:
             logger.info("draining: waiting for %d admitted requests", self._in_flight)
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
             except asyncio.TimeoutError:
-                logger.warning("drain timeout: %d requests still running", self._in_flight)
+                logger.warning("drain timeout: refusing the %d requests left", self._in_flight)
+                if self.batcher is not None:
+                    await self.batcher.stop(timeout_s=0)
 
     async def stop(self) -> None:
         await self.drain(self.settings.drain_timeout_s)

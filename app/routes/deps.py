@@ -60,7 +60,7 @@ def detect_options(
     classes: Annotated[
         list[str] | None,
         Query(
-            description="Class names to keep (repeatable); all when absent.",
+            description="Class names to keep (repeatable); all when absent or empty.",
             examples=[["dog", "person"]],
         ),
     ] = None,
