@@ -85,6 +85,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(full)})
+    tmp.chmod(0o644)  # readable by a service running as another user (safetensors writes 0600)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
     return path
 
