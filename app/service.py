@@ -29,7 +29,7 @@ from app.inference import (
 )
 from app.metrics import Metrics
 from app.schemas import Box, Detection, DetectionResult, ImageSize, ModelRef, Timing
-from app.settings import Settings
+from app.settings import FALLBACK_CONF_THRESHOLD, Settings
 from model.evaluate import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -158,11 +158,19 @@ class Service:
                 raise ValueError(f"unknown class names {unknown}; known: {known}")
             class_ids = frozenset(known.index(name) for name in class_names)
         return DetectOptions(
-            self.settings.conf_threshold if confidence is None else confidence,
+            self.default_conf_threshold if confidence is None else confidence,
             self.settings.iou_threshold if iou is None else iou,
             max_detections,
             class_ids,
         )
+
+    @property
+    def default_conf_threshold(self) -> float:
+        """YOLOV1_CONF_THRESHOLD when set, else the checkpoint's calibrated threshold."""
+        if self.settings.conf_threshold is not None:
+            return self.settings.conf_threshold
+        calibrated = self.loaded_detector().metadata.get("conf_threshold")
+        return FALLBACK_CONF_THRESHOLD if calibrated is None else float(calibrated)
 
     def loaded_detector(self) -> Detector:
         if self.detector is None:

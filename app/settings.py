@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = PROJECT_ROOT / "weights" / "yolov1-voc.safetensors"
+FALLBACK_CONF_THRESHOLD = 0.25  # for a checkpoint that records no calibrated threshold
 
 
 class Settings(BaseSettings):
@@ -31,7 +32,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per uploaded file
     max_image_pixels: int = Field(40_000_000, ge=1)  # width * height, read from the header
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()  # empty: auth off
-    conf_threshold: float = Field(0.25, ge=0, le=1)
+    # None: the checkpoint's calibrated threshold (its val best-F1), else FALLBACK_CONF_THRESHOLD.
+    conf_threshold: float | None = Field(None, ge=0, le=1)
     iou_threshold: float = Field(0.5, ge=0, le=1)
     drain_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: longest wait for admitted requests
     decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)

@@ -19,16 +19,22 @@ import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
 from app.inference import DetectOptions, Detector, ImageError, Job, decode_image, to_pixels
-from app.settings import Settings
+from app.settings import FALLBACK_CONF_THRESHOLD, Settings
 from model.evaluate import resolve_device
 
 _DEFAULTS = Settings.model_fields  # the class's defaults; nothing is read from the environment
+
+
 # What the service applies to a request without parameters (max_detections: the route's default).
-OPTIONS = DetectOptions(
-    conf_threshold=_DEFAULTS["conf_threshold"].default,
-    iou_threshold=_DEFAULTS["iou_threshold"].default,
-    max_detections=100,
-)
+def default_options(detector: Detector) -> DetectOptions:
+    """The checkpoint's calibrated confidence, as the service uses when none is set."""
+    return DetectOptions(
+        conf_threshold=detector.metadata.get("conf_threshold", FALLBACK_CONF_THRESHOLD),
+        iou_threshold=_DEFAULTS["iou_threshold"].default,
+        max_detections=100,
+    )
+
+
 MAX_IMAGE_PIXELS: int = _DEFAULTS["max_image_pixels"].default
 
 
@@ -36,6 +42,7 @@ def create_naive_app(detector: Detector) -> FastAPI:
     """``POST /v1/detect`` (multipart ``image``) and ``GET /health/ready``, nothing else."""
     app = FastAPI(title="naive per-request YOLOv1 server")
     names = detector.class_names
+    options = default_options(detector)
 
     @app.post("/v1/detect")
     async def detect(image: Annotated[UploadFile, File()]) -> dict[str, Any]:
@@ -44,7 +51,7 @@ def create_naive_app(detector: Detector) -> FastAPI:
             decoded = decode_image(data, detector.image_size, MAX_IMAGE_PIXELS)
         except ImageError as exc:
             raise HTTPException(400, str(exc)) from None
-        [found] = detector([Job(decoded.tensor, OPTIONS)])  # blocks the event loop
+        [found] = detector([Job(decoded.tensor, options)])  # blocks the event loop
         boxes = to_pixels(found["boxes"], decoded.width, decoded.height).tolist()
         return {
             "model": {"name": detector.metadata["arch"], "version": detector.version},

@@ -55,7 +55,7 @@ from app.backends import Backend, create_backend, resolve_backend_name
 from app.inference import Detector, Job, decode_image, to_pixels
 from app.settings import DEFAULT_WEIGHTS
 from benchmarks.decode import LARGE_SIZE, format_decode, make_large_jpeg, time_decode
-from benchmarks.naive_server import MAX_IMAGE_PIXELS, OPTIONS
+from benchmarks.naive_server import MAX_IMAGE_PIXELS, default_options
 from model import ARCHITECTURES, VOC_CLASSES, build_model, load_checkpoint, save_checkpoint
 from model.checkpoint import file_sha256
 from model.evaluate import resolve_device
@@ -153,7 +153,8 @@ def _end_to_end(detector: Detector, jpegs: list[bytes], batch_size: int, i: int)
     """Batch ``i`` of the service's path minus HTTP and the batcher, in one thread."""
     uploads = [jpegs[(i * batch_size + k) % len(jpegs)] for k in range(batch_size)]
     decoded = [decode_image(data, detector.image_size, MAX_IMAGE_PIXELS) for data in uploads]
-    found = detector([Job(d.tensor, OPTIONS) for d in decoded])
+    options = default_options(detector)
+    found = detector([Job(d.tensor, options) for d in decoded])
     for d, f in zip(decoded, found, strict=True):
         to_pixels(f["boxes"], d.width, d.height)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model.config import ARCHITECTURES
 from model.network import YOLOv1, build_model
@@ -164,3 +164,15 @@ def load_checkpoint(
         raise CheckpointError(path, f"cannot read tensors ({exc})") from None
     model.load_state_dict(state, strict=False)  # num_batches_tracked is not stored
     return model.to(device).eval(), meta
+
+
+def update_metadata(path: str | Path, **changes: Any) -> dict[str, Any]:
+    """Rewrite a checkpoint's metadata with ``changes``; the tensors are kept byte for byte."""
+    path = Path(path)
+    meta = {**read_metadata(path), **changes}
+    tensors = load_file(str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return meta

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError, load_checkpoint, update_metadata
 from model.data import Annotation, DetectionDataset, detection_collate, read_datasets
-from model.metrics import coco_map, evaluate_detections
+from model.metrics import best_f1_threshold, coco_map, evaluate_detections
 from model.network import YOLOv1
 from model.postprocess import postprocess
 
@@ -86,6 +86,7 @@ def score(
         "map_coco": coco["map"],
         "ap50_11point": voc07["ap"],
         "ap50_all": voc12["ap"],
+        "conf_threshold_f1": best_f1_threshold(predictions, truths, num_classes),
     }
 
 
@@ -98,6 +99,7 @@ def format_table(result: dict[str, Any], class_names: list[str]) -> str:
         lines.append(f"{name:<14} {ap07:>11.3f} {ap12:>11.3f}")
     lines.append(f"{'mAP@0.5':<14} {result['map50_11point']:>11.3f} {result['map50_all']:>11.3f}")
     lines.append(f"mAP@[.5:.95] (COCO-style, 101-point): {result['map_coco']:.3f}")
+    lines.append(f"best-F1 score threshold: {result['conf_threshold_f1']:.3f}")
     return "\n".join(lines)
 
 
@@ -111,6 +113,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="store the best-F1 score threshold in the checkpoint (the service's default)",
+    )
     return parser
 
 
@@ -136,6 +143,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(annotations)} images in {elapsed:.1f} s ({result['images_per_s']:.1f} images/s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.calibrate:
+        threshold = result["conf_threshold_f1"]
+        if threshold != threshold:  # NaN: nothing detected
+            raise ValueError("no detection on this split: cannot calibrate a threshold")
+        update_metadata(args.weights, conf_threshold=round(threshold, 4))
+        print(f"stored conf_threshold={threshold:.4f} in {args.weights}")
     return result
 
 

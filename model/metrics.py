@@ -154,6 +154,39 @@ def coco_map(
     }
 
 
+def best_f1_threshold(
+    predictions: Sequence[Mapping[str, Tensor]],
+    ground_truths: Sequence[Mapping[str, Tensor]],
+    num_classes: int,
+    iou_threshold: float = 0.5,
+) -> float:
+    """The score threshold that maximises F1 over all classes pooled (VOC matching).
+
+    Detections are matched as in ``evaluate_detections`` (matches of difficult objects are
+    left out), then ranked by score across classes; the threshold is the score of the last
+    detection kept at the best F1. Returns NaN when there is no detection or no ground truth.
+    """
+    per_class = _match_dataset(
+        predictions, ground_truths, num_classes,
+        lambda iou, difficult: _match_voc(iou, difficult, iou_threshold), 1, None,
+    )  # fmt: skip
+    scores = [s for m in per_class for s in m.scores]
+    if not scores or not sum(m.num_positives for m in per_class):
+        return math.nan
+    score = torch.cat(scores)
+    hit = torch.cat([t[0] for m in per_class for t in m.true_positive])
+    kept = ~torch.cat([i[0] for m in per_class for i in m.ignored])
+    score, hit = score[kept], hit[kept]
+    if score.numel() == 0:
+        return math.nan
+    order = torch.argsort(score, descending=True, stable=True)
+    true_pos = torch.cumsum(hit[order].double(), 0)
+    ranks = torch.arange(1, len(order) + 1, dtype=torch.float64)
+    positives = sum(m.num_positives for m in per_class)
+    f1 = 2 * true_pos / (ranks + positives)  # 2PR / (P + R) with P = tp/k, R = tp/positives
+    return float(score[order][int(f1.argmax())])
+
+
 @dataclass
 class _ClassMatches:
     """One class's detections over the whole data set, per image, rows sorted by score."""

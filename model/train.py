@@ -227,8 +227,12 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def metadata(self, epoch: int, val: dict[str, Any] | None) -> dict[str, Any]:
         a = self.args
+        threshold = math.nan if val is None else val["conf_threshold_f1"]
+        # The service's default confidence: the val split's best-F1 score threshold.
+        calibrated = {} if math.isnan(threshold) else {"conf_threshold": round(threshold, 4)}
         return {
             "class_names": self.class_names,
+            **calibrated,
             "training": {
                 "command": "yolov1-train " + shlex.join(sys.argv[1:]),
                 "data": [str(d) for d in a.data],

@@ -136,3 +136,16 @@ def test_default_public_api_shape():
     for name in ("build_model", "encode_targets", "YOLOv1Loss", "postprocess", "save_checkpoint",
                  "load_checkpoint"):  # fmt: skip
         assert callable(getattr(model, name))
+
+
+def test_update_metadata_keeps_tensors(saved):
+    from model.checkpoint import update_metadata
+
+    before, _ = load_checkpoint(saved)
+    meta = update_metadata(saved, conf_threshold=0.12)
+    after, reread = load_checkpoint(saved)
+    assert meta["conf_threshold"] == reread["conf_threshold"] == 0.12
+    assert reread["class_names"] == ["cat", "dog", "fox"]
+    reference = before.state_dict()
+    for name, tensor in after.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name

@@ -520,3 +520,35 @@ def test_coco_map_keeps_100_detections_per_image_and_class_like_pycocotools(
     monkeypatch.setattr(metrics, "_COCO_MAX_DETECTIONS", None)
     uncapped = coco_map(predictions, ground_truths, num_classes=3)
     assert uncapped["map50"] > result["map50"] + 1e-3
+
+
+def test_best_f1_threshold_hand_worked():
+    from model.metrics import best_f1_threshold
+
+    # One image, one class, two ground truths. Detections by score: 0.9 hit, 0.8 miss,
+    # 0.6 hit, 0.3 miss. F1 after k kept: k=1: 2*1/(1+2)=0.667; k=2: 2*1/(2+2)=0.5;
+    # k=3: 2*2/(3+2)=0.8; k=4: 2*2/(4+2)=0.667 -> best at k=3, threshold 0.6.
+    gt = [
+        {
+            "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]),
+            "labels": torch.tensor([0, 0]),
+        }
+    ]
+    pred = [
+        {
+            "boxes": torch.tensor(
+                [[0.0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30], [70, 70, 80, 80]]
+            ),
+            "scores": torch.tensor([0.9, 0.8, 0.6, 0.3]),
+            "labels": torch.tensor([0, 0, 0, 0]),
+        }
+    ]
+    assert best_f1_threshold(pred, gt, num_classes=1) == pytest.approx(0.6)
+    empty = [
+        {
+            "boxes": torch.empty(0, 4),
+            "scores": torch.empty(0),
+            "labels": torch.empty(0, dtype=torch.long),
+        }
+    ]
+    assert math.isnan(best_f1_threshold(empty, gt, num_classes=1))

@@ -521,3 +521,19 @@ async def test_a_client_that_leaves_while_queued_is_dropped(serve, gate):
         text = (await client.get("/metrics")).text
     assert held.batches == [1]  # only the first request ever ran
     assert metric(text, "yolov1_rejections_total", reason="disconnected") == 1
+
+
+async def test_default_confidence_comes_from_the_checkpoint_unless_set(serve, weights, tmp_path):
+    import shutil
+
+    from model.checkpoint import update_metadata
+
+    calibrated = tmp_path / "calibrated.safetensors"
+    shutil.copy(weights, calibrated)
+    update_metadata(calibrated, conf_threshold=0.07)
+    async with serve(weights=calibrated) as (client, _):
+        assert (await client.get("/v1/model")).json()["conf_threshold"] == 0.07
+    async with serve(weights=calibrated, conf_threshold=0.4) as (client, _):
+        assert (await client.get("/v1/model")).json()["conf_threshold"] == 0.4
+    async with serve() as (client, _):  # no calibration recorded: the fallback
+        assert (await client.get("/v1/model")).json()["conf_threshold"] == 0.25

@@ -28,7 +28,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         backend=detector.backend.name,
         device=str(detector.backend.device),
         dtype=str(detector.backend.dtype).removeprefix("torch."),
-        conf_threshold=s.conf_threshold,
+        conf_threshold=service.default_conf_threshold,
         iou_threshold=s.iou_threshold,
         batching=BatchingInfo(
             max_batch_size=s.max_batch_size,
