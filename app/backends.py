@@ -47,7 +47,11 @@ def _check_images(images: torch.Tensor, image_size: int) -> None:
 
 
 class TorchBackend:
-    """Eager PyTorch on a BatchNorm-folded, channels_last copy of the model."""
+    """Eager PyTorch on a BatchNorm-folded, channels_last copy of the model.
+
+    Images already on ``device`` are used where they are (GPU-decoded uploads); host images
+    are copied to a CUDA device through pinned memory.
+    """
 
     name = "torch"
 
@@ -66,6 +70,9 @@ class TorchBackend:
         if images.shape[0] == 0:  # view(-1, ...) cannot infer N from an empty batch
             return torch.empty((0, *self._grid_shape), device=self.device)
         with torch.inference_mode():
+            if images.device.type == "cpu" and self.device.type == "cuda":
+                # From pinned memory the copy is asynchronous: the host goes on queueing work.
+                images = images.pin_memory().to(self.device, non_blocking=True)
             x = images.to(self.device, self.dtype, memory_format=torch.channels_last)
             return self.model(x).float()  # (N, S, S, C+5B)
 

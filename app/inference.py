@@ -3,20 +3,21 @@
 Decoding is defensive: the format is checked before any pixel is decoded, the pixel count is
 read from the header (so a decompression bomb is refused without being decoded), and large
 JPEGs are decoded at reduced scale. Boxes are reported in pixels of the uploaded image after
-its EXIF orientation.
+its EXIF orientation. When serving on CUDA, JPEGs are decoded, resized and scaled on the GPU.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from app.backends import Backend, create_backend
@@ -39,6 +40,8 @@ _UPRIGHT = {
 }
 _SWAPS_AXES = {5, 6, 7, 8}  # orientations that rotate by 90 degrees
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_TORCHVISION_JPEG_MODES = {"RGB", "L"}  # CMYK and YCCK JPEGs go through PIL
+_JPEG_END = b"\xff\xd9"  # the EOI marker
 BOX_COLOUR = (255, 64, 32)
 
 
@@ -60,18 +63,32 @@ class ImageTooLarge(ImageError):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    tensor: torch.Tensor  # (3, size, size) float32 RGB in [0, 1], plainly resized
+    tensor: torch.Tensor  # (3, size, size) float32 RGB in [0, 1], plainly resized, on the device
     width: int  # of the upload after EXIF orientation, in pixels
     height: int
     image: Image.Image | None = None  # the oriented full-size RGB image, when asked for
 
 
-def decode_image(data: bytes, size: int, max_pixels: int, keep_image: bool = False) -> DecodedImage:
+def decode_image(
+    data: bytes,
+    size: int,
+    max_pixels: int,
+    keep_image: bool = False,
+    device: torch.device | None = None,
+    torchvision_jpeg: bool | None = None,
+) -> DecodedImage:
     """Decode an upload into the network's input; raise an ``ImageError`` subclass if unusable.
 
     ``keep_image`` also returns the oriented RGB image at full size (for drawing on); without
     it a JPEG is decoded at the smallest DCT scale that still gives ``size`` pixels a side.
+
+    The tensor is returned on ``device`` (None: the CPU). With ``torchvision_jpeg`` (by default
+    when ``device`` is CUDA) a JPEG is decoded by torchvision straight onto ``device`` (nvJPEG on
+    CUDA) and resized there; other formats, ``keep_image``, and JPEGs torchvision cannot decode
+    go through PIL, whose errors are the ones raised. The header checks come first either way.
     """
+    if torchvision_jpeg is None:
+        torchvision_jpeg = device is not None and device.type == "cuda"
     if not data:
         raise CorruptImage("the uploaded file is empty")
     try:
@@ -89,19 +106,79 @@ def decode_image(data: bytes, size: int, max_pixels: int, keep_image: bool = Fal
             raise ImageTooLarge(
                 f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels"
             )
+        orientation = _orientation(image)
+        if torchvision_jpeg and not keep_image and _torchvision_can_decode(image, data):
+            try:
+                tensor = decode_jpeg_tensor(data, size, orientation, device or torch.device("cpu"))
+            except Exception as exc:  # PIL decides: it decodes the image or names the fault
+                logger.debug("torchvision cannot decode a JPEG (%s); using PIL", exc)
+            else:
+                return DecodedImage(tensor, *_oriented_size(image.size, orientation))
         try:
-            return _decode(image, size, keep_image)
+            decoded = _decode(image, size, keep_image, orientation)
         except MemoryError:
             raise
         except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, ...
             raise CorruptImage(f"cannot decode the image ({exc})") from None
+    if device is None or device.type == "cpu":
+        return decoded
+    return replace(decoded, tensor=decoded.tensor.to(device))
 
 
-def _decode(image: Image.Image, size: int, keep_image: bool) -> DecodedImage:
-    width, height = image.size
-    orientation = _orientation(image)
-    if orientation in _SWAPS_AXES:
-        width, height = height, width
+def _torchvision_can_decode(image: Image.Image, data: bytes) -> bool:
+    # nvJPEG need not fail on a truncated stream as PIL does; such a file (no EOI marker at
+    # the end) goes to PIL, which reports it. So does one with data after its EOI marker.
+    return (
+        image.format == "JPEG"
+        and image.mode in _TORCHVISION_JPEG_MODES
+        and data.rstrip(b"\0").endswith(_JPEG_END)
+    )
+
+
+def decode_jpeg_tensor(
+    data: bytes, size: int, orientation: int, device: torch.device
+) -> torch.Tensor:
+    """Decode JPEG ``data`` on ``device`` (nvJPEG on CUDA) to (3, size, size) float32 in [0, 1].
+
+    ``orientation`` is the EXIF tag read from the header, applied here rather than by
+    ``decode_jpeg``, which applies it on the CPU only: the CPU run then tests the GPU's code.
+    Raises whatever torchvision raises for a stream it cannot decode.
+    """
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (L,) on the CPU, as required
+    pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # (3, h, w) uint8
+    upright = _orient_tensor(pixels, orientation)
+    resized = F.resize(upright, [size, size], antialias=True)  # (3, size, size)
+    return F.to_dtype(resized, torch.float32, scale=True)
+
+
+def _orient_tensor(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, h, w) as stored -> upright, as ``_UPRIGHT[orientation]`` does to a PIL image."""
+    rows, cols = -2, -1
+    if orientation == 2:
+        return pixels.flip(cols)
+    if orientation == 3:
+        return pixels.flip(rows, cols)
+    if orientation == 4:
+        return pixels.flip(rows)
+    if orientation == 5:
+        return pixels.transpose(rows, cols)
+    if orientation == 6:
+        return pixels.rot90(-1, (rows, cols))  # clockwise
+    if orientation == 7:
+        return pixels.transpose(rows, cols).flip(rows, cols)
+    if orientation == 8:
+        return pixels.rot90(1, (rows, cols))  # anticlockwise
+    return pixels
+
+
+def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) as stored -> (width, height) after the EXIF orientation."""
+    width, height = size
+    return (height, width) if orientation in _SWAPS_AXES else (width, height)
+
+
+def _decode(image: Image.Image, size: int, keep_image: bool, orientation: int) -> DecodedImage:
+    width, height = _oriented_size(image.size, orientation)
     if image.format == "JPEG" and not keep_image:
         # Decode at 1/2, 1/4 or 1/8 scale when that still covers the input size: the cost
         # then follows the network's input, not the upload. The size changes; the geometry

@@ -230,12 +230,7 @@ class Service:
         keep_image: bool,
     ) -> list[tuple[DetectionResult, Image.Image | None]]:
         started = time.monotonic()
-        decode = partial(
-            decode_image,
-            size=self.detector.image_size,
-            max_pixels=self.settings.max_image_pixels,
-            keep_image=keep_image,
-        )
+        decode = self._decoder(keep_image)
         loop = asyncio.get_running_loop()
         self._decoding += len(uploads)  # no await since _admit counted them: still in bounds
         try:
@@ -256,6 +251,17 @@ class Service:
             (self._response(image, result, total_ms), image.image)
             for image, result in zip(images, done, strict=True)
         ]
+
+    def _decoder(self, keep_image: bool) -> Callable[[bytes], DecodedImage]:
+        """``decode_image`` for this detector: on a CUDA backend JPEGs are decoded on its GPU."""
+        device = self.detector.backend.device
+        return partial(
+            decode_image,
+            size=self.detector.image_size,
+            max_pixels=self.settings.max_image_pixels,
+            keep_image=keep_image,
+            device=device if device.type == "cuda" else None,
+        )
 
     def _admit(self, n_images: int) -> None:
         """Refuse before anything is decoded when the answer would be a 503 anyway.
