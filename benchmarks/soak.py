@@ -142,8 +142,10 @@ async def soak(
         deadline = started + args.duration
 
         async def worker() -> None:
-            while time.monotonic() < deadline:
+            while True:
                 i = next(numbers)
+                if time.monotonic() >= deadline and i >= args.min_requests:
+                    return
                 kind = MIX[i % len(MIX)]
                 if kind == "good":
                     name, data = jpegs[i % len(jpegs)]
@@ -271,6 +273,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--duration", type=float, default=600, help="seconds of traffic")
     parser.add_argument("--concurrency", type=int, default=8, help="clients sending at once")
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=0,
+        help=f"send at least this many, past --duration if need be ({len(MIX)} = one full mix)",
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--weights", type=Path, help=f"checkpoint (default: {DEFAULT_WEIGHTS})")
     which.add_argument(
