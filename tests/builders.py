@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image
@@ -52,3 +53,35 @@ def make_voc(root: Path, items: dict[str, tuple], split: str = "train", ext: str
     (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(items) + "\n")
     return root
+
+
+# EXIF orientation -> the transpose that stores an upright image so that a viewer shows it upright
+# (the inverse of what ImageOps.exif_transpose applies).
+EXIF_STORE = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", orientation: int | None = None, **kw) -> bytes:
+    """``image`` saved as ``fmt`` in memory, with an EXIF orientation tag when given."""
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    out = io.BytesIO()
+    image.save(out, fmt, **kw)
+    return out.getvalue()
+
+
+def quadrant(width: int, height: int) -> Image.Image:
+    """Black, with the top-left quarter white: any wrong rotation or flip moves it."""
+    image = Image.new("RGB", (width, height))
+    image.paste((255, 255, 255), (0, 0, width // 2, height // 2))
+    return image

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from builders import EXIF_STORE
 from PIL import Image
 
 import app.inference
@@ -22,17 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 SIZE = 128
 LIMIT = 40_000_000
 CPU = torch.device("cpu")
-# EXIF orientation -> how to store an upright image so that a viewer shows it upright.
-STORE = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
 
 
 def photo(width: int = 200, height: int = 120, seed: int = 0) -> Image.Image:
@@ -46,7 +36,7 @@ def photo(width: int = 200, height: int = 120, seed: int = 0) -> Image.Image:
 
 
 def jpeg(image: Image.Image, orientation: int = 1) -> bytes:
-    stored = image if STORE[orientation] is None else image.transpose(STORE[orientation])
+    stored = image if EXIF_STORE[orientation] is None else image.transpose(EXIF_STORE[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
     out = io.BytesIO()

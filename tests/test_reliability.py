@@ -12,7 +12,6 @@ route under auth.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import pickle
@@ -33,6 +32,7 @@ import pytest
 import requests
 import schemathesis
 import torch
+from builders import EXIF_STORE, encode, quadrant
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
@@ -49,19 +49,6 @@ API_KEY = "reliability-key"
 DOG = VOC_CLASSES.index("dog")
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **kw)
-    return out.getvalue()
-
-
-def quadrant(width: int, height: int) -> Image.Image:
-    """Black, with the top-left quarter white: a rotation or a flip moves the white box."""
-    image = Image.new("RGB", (width, height))
-    image.paste((255, 255, 255), (0, 0, width // 2, height // 2))
-    return image
 
 
 def upload(data: bytes, filename: str = "x.jpg", content_type: str = "image/jpeg") -> dict:
@@ -419,24 +406,11 @@ async def test_an_animated_webp_is_read_from_its_first_frame(serve):
     assert list(dog["box"].values()) == pytest.approx([0, 0, 32, 24], abs=1.5)
 
 
-# EXIF orientation -> the transpose that stores an upright image so that viewers show it upright.
-STORED = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("orientation", range(1, 9))
 async def test_boxes_come_back_in_the_upright_images_pixels(serve, orientation):
     shown = quadrant(160, 96)  # the white quarter is (0, 0, 80, 48) once upright
-    stored = shown if STORED[orientation] is None else shown.transpose(STORED[orientation])
+    stored = shown if EXIF_STORE[orientation] is None else shown.transpose(EXIF_STORE[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode(stored, "JPEG", exif=exif.tobytes(), quality=95)

@@ -2,48 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from builders import EXIF_STORE, encode, quadrant
 from PIL import Image
 
 from app.inference import CorruptImage, ImageTooLarge, UnsupportedImage, decode_image
 
 SIZE = 128
 LIMIT = 40_000_000
-
-# EXIF orientation -> the transpose that undoes exif_transpose (which maps stored -> upright).
-STORE = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
-def encode(image: Image.Image, fmt: str = "PNG", orientation: int | None = None, **kw) -> bytes:
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        kw["exif"] = exif.tobytes()
-    out = io.BytesIO()
-    image.save(out, fmt, **kw)
-    return out.getvalue()
-
-
-def upright(width: int, height: int) -> Image.Image:
-    """Black, with the top-left quarter white: any wrong rotation or flip moves it."""
-    image = Image.new("RGB", (width, height))
-    image.paste((255, 255, 255), (0, 0, width // 2, height // 2))
-    return image
 
 
 def png(width: int, height: int, pixels: bytes = b"") -> bytes:
@@ -69,8 +40,8 @@ def quadrant_means(tensor: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_gives_the_upright_image_and_its_size(orientation, fmt):
-    shown = upright(96, 64)
-    stored = shown if STORE[orientation] is None else shown.transpose(STORE[orientation])
+    shown = quadrant(96, 64)
+    stored = shown if EXIF_STORE[orientation] is None else shown.transpose(EXIF_STORE[orientation])
     decoded = decode_image(encode(stored, fmt, orientation), SIZE, LIMIT)
     assert (decoded.width, decoded.height) == (96, 64)
     top_left, *others = quadrant_means(decoded.tensor)
@@ -80,16 +51,16 @@ def test_exif_orientation_gives_the_upright_image_and_its_size(orientation, fmt)
 def test_a_broken_exif_orientation_is_ignored():
     exif = Image.Exif()
     exif[0x0112] = 77  # no such orientation
-    data = encode(upright(96, 64), "JPEG", exif=exif.tobytes())
+    data = encode(quadrant(96, 64), "JPEG", exif=exif.tobytes())
     decoded = decode_image(data, SIZE, LIMIT)
     assert (decoded.width, decoded.height) == (96, 64)
-    garbage = encode(upright(96, 64), "JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff")
+    garbage = encode(quadrant(96, 64), "JPEG", exif=b"Exif\x00\x00MM\x00*\xff\xff")
     assert decode_image(garbage, SIZE, LIMIT).width == 96
 
 
 def test_a_large_jpeg_is_decoded_reduced_but_reports_its_full_oriented_size():
-    shown = upright(2400, 1600)
-    data = encode(shown.transpose(STORE[6]), "JPEG", orientation=6)
+    shown = quadrant(2400, 1600)
+    data = encode(shown.transpose(EXIF_STORE[6]), "JPEG", orientation=6)
     decoded = decode_image(data, SIZE, LIMIT)
     assert (decoded.width, decoded.height) == (2400, 1600)
     assert decoded.tensor.shape == (3, SIZE, SIZE) and decoded.tensor.dtype == torch.float32
@@ -105,7 +76,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(side):
     with pytest.raises(ImageTooLarge, match="over the limit of 40000000 pixels"):
         decode_image(png(side, side), SIZE, LIMIT)
     with pytest.raises(ImageTooLarge, match="40x30 pixels, over the limit of 1000"):
-        decode_image(encode(upright(40, 30)), SIZE, max_pixels=1000)
+        decode_image(encode(quadrant(40, 30)), SIZE, max_pixels=1000)
 
 
 @pytest.mark.parametrize(
@@ -116,9 +87,9 @@ def test_a_decompression_bomb_is_refused_from_its_header(side):
         (encode(Image.new("RGB", (8, 8)), "GIF"), UnsupportedImage),
         (encode(Image.new("RGB", (8, 8)), "TIFF"), UnsupportedImage),
         (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedImage),
-        (encode(upright(300, 200), "JPEG")[:600], CorruptImage),
-        (encode(upright(300, 200), "PNG")[:120], CorruptImage),
-        (encode(upright(300, 200), "WEBP")[:100], CorruptImage),
+        (encode(quadrant(300, 200), "JPEG")[:600], CorruptImage),
+        (encode(quadrant(300, 200), "PNG")[:120], CorruptImage),
+        (encode(quadrant(300, 200), "WEBP")[:100], CorruptImage),
         (png(64, 64), CorruptImage),
     ],
     ids=["empty", "random", "gif", "tiff", "svg", "cut-jpeg", "cut-png", "cut-webp", "no-data"],
