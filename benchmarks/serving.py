@@ -816,14 +816,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     results["ratios"], results["targets"] = evaluate(results)
     print(format_report(results))
-    out = args.out or REPO_ROOT / "bench-results" / (
-        f"{meta['arch']}-{meta['image_size']}-{device.type}-"
-        f"{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    )
+    write_results(results, args.out, f"{meta['arch']}-{meta['image_size']}-{device.type}")
+    return results
+
+
+def write_results(results: dict[str, Any], out: Path | None, prefix: str) -> Path:
+    """Write the raw numbers as JSON (default: bench-results/<prefix>-<time>.json)."""
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    out = out or REPO_ROOT / "bench-results" / f"{prefix}-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nraw numbers: {out}")
-    return results
+    return out
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import asyncio
 import datetime
 import io
 import itertools
-import json
 import logging
 import os
 import sys
@@ -48,7 +47,6 @@ from tqdm import tqdm
 from app.settings import DEFAULT_WEIGHTS, Settings
 from benchmarks.serving import (
     IMAGES_DIR,
-    REPO_ROOT,
     Server,
     describe_machine,
     free_port,
@@ -57,6 +55,7 @@ from benchmarks.serving import (
     random_checkpoint,
     read_peak_rss,
     read_rss_parts,
+    write_results,
 )
 from model import ARCHITECTURES
 from model.checkpoint import file_sha256, read_metadata
@@ -364,12 +363,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     results = {"meta": meta, "run": run, "summary": summarise(run), "exit_status": exit_status}
     print(format_report(results))
-    out = args.out or REPO_ROOT / "bench-results" / (
-        f"soak-{meta['arch']}-{meta['image_size']}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nraw numbers: {out}")
+    write_results(results, args.out, f"soak-{meta['arch']}-{meta['image_size']}")
     return results
 
 
