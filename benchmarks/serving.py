@@ -694,7 +694,19 @@ def _setting(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. MAX_WAIT_MS=5), got {text!r}")
-    return key.removeprefix("YOLOV1_"), value
+    return key.removeprefix("YOLOV1_").upper(), value
+
+
+def add_setting_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): a service setting passed as ``YOLOV1_KEY``."""
+    parser.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"service setting, as YOLOV1_KEY (repeatable), e.g. --set {example}",
+    )
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -739,14 +751,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("auto", "torch", "onnxruntime"),
         help="backend of the naive server (default: the service's, so only serving differs)",
     )
-    parser.add_argument(
-        "--set",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra service setting, as YOLOV1_KEY (repeatable), e.g. --set MAX_WAIT_MS=5",
-    )
+    add_setting_argument(parser, "MAX_WAIT_MS=5")
     parser.add_argument("--threads", type=int, help="CPU threads for torch/onnxruntime")
     parser.add_argument("--startup-timeout-s", type=float, default=600)
     parser.add_argument(

@@ -48,6 +48,7 @@ from app.settings import DEFAULT_WEIGHTS, Settings
 from benchmarks.serving import (
     IMAGES_DIR,
     Server,
+    add_setting_argument,
     describe_machine,
     free_port,
     latency_summary,
@@ -257,13 +258,6 @@ def format_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _setting(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. MAX_QUEUE=32), got {text!r}")
-    return key.removeprefix("YOLOV1_").upper(), value
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.soak",
@@ -289,14 +283,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-every", type=float, default=5, help="seconds between RSS reads")
     parser.add_argument("--request-timeout-s", type=float, default=120)
     parser.add_argument("--startup-timeout-s", type=float, default=600)
-    parser.add_argument(
-        "--set",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="service setting, as YOLOV1_KEY (repeatable), e.g. --set MAX_QUEUE=32",
-    )
+    add_setting_argument(parser, "MAX_QUEUE=32")
     parser.add_argument("--out", type=Path, help="JSON (default: bench-results/soak-<date>.json)")
     return parser
 
