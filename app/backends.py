@@ -1,20 +1,38 @@
-"""Inference backends: one call from a batch of images to the raw YOLOv1 grid.
+"""Inference backends: from a batch of images to one ``Detections`` per image.
 
-Every backend takes (N, 3, H, W) float RGB in [0, 1] (H = W = the model's ``image_size``) and
-returns the raw grid (N, S, S, C + 5B) as float32; decoding and NMS happen downstream.
+Every backend takes images of shape (3, H, W), float RGB in [0, 1] (H = W = the model's
+``image_size``), and per-image ``DetectOptions``, and returns every detection over the
+options' thresholds, best first (``app.inference.select`` applies the class filter and the
+limit). Both compute the same thing:
+- ``TorchBackend``: eager PyTorch, then ``model.postprocess`` (torchvision's ``batched_nms``);
+- ``OnnxRuntimeBackend``: the graph of ``model.export`` (network, box decoding and scores),
+  then ONNX's ``NonMaxSuppression`` (per image and class, as ``batched_nms``) in ONNX Runtime.
+
+The ONNX Runtime backend never imports torch, which on its own holds ~0.8 GB of a process's
+memory (CUDA build); the export it runs on is written by a child process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import onnxruntime as ort
-import torch
+from onnx import TensorProto, helper
 
-from model.export import INPUT_NAME, OUTPUT_NAME, ensure_onnx
-from model.network import YOLOv1, prepare_for_inference
+from app.inference import Detections, DetectOptions, Pixels
+from model.export import INPUT_NAME, OUTPUT_NAMES, ensure_onnx
+
+if TYPE_CHECKING:
+    import torch
+
+    from model.network import YOLOv1
 
 logger = logging.getLogger(__name__)
 
@@ -24,26 +42,40 @@ BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
 
 @runtime_checkable
 class Backend(Protocol):
-    """Runs the network: images (N, 3, H, W) float in [0, 1] -> raw grid (N, S, S, C+5B) float32.
+    """Runs the network and NMS on a batch (see the module's docstring).
 
-    ``device`` is where inputs are best placed and where the grid comes back; ``dtype`` is the
-    precision the network computes in.
+    ``device`` is where inputs are best placed ("cpu", "cuda:0", ...); ``dtype`` is the
+    precision the network computes in ("float32", "float16").
     """
 
     name: str
-    device: torch.device
-    dtype: torch.dtype
+    device: str
+    dtype: str
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, images: Pixels) -> np.ndarray:
+        """(N, 3, H, W) -> the raw grid (N, S, S, C+5B) as float32 numpy."""
+        ...
+
+    def detect(
+        self, images: Sequence[Pixels], options: Sequence[DetectOptions]
+    ) -> list[Detections]: ...
 
 
-def _check_images(images: torch.Tensor, image_size: int) -> None:
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):
+def _check_images(shape: tuple[int, ...], floating: bool, image_size: int) -> None:
+    if len(shape) != 4 or tuple(shape[1:]) != (3, image_size, image_size):
         raise ValueError(
-            f"images must have shape (N, 3, {image_size}, {image_size}), got {tuple(images.shape)}"
+            f"images must have shape (N, 3, {image_size}, {image_size}), got {tuple(shape)}"
         )
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
+    if not floating:
+        raise ValueError("images must be floating point in [0, 1]")
+
+
+def _to_detections(boxes: Any, scores: Any, labels: Any) -> Detections:
+    return Detections(
+        np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        np.asarray(scores, dtype=np.float32),
+        np.asarray(labels, dtype=np.int64),
+    )
 
 
 class TorchBackend:
@@ -55,84 +87,238 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: YOLOv1, device: torch.device | str, half: bool = False):
-        self.device = torch.device(device)
-        if half and self.device.type != "cuda":
-            raise ValueError(f"half precision needs a CUDA device, got {self.device}")
-        self.dtype = torch.float16 if half else torch.float32
-        self.model = prepare_for_inference(model, self.device, self.dtype)
+    def __init__(self, model: YOLOv1, device: str, half: bool = False):
+        import torch
+
+        from model.network import prepare_for_inference
+
+        self._torch = torch
+        self._device = torch.device(device)
+        if half and self._device.type != "cuda":
+            raise ValueError(f"half precision needs a CUDA device, got {device}")
+        self._dtype = torch.float16 if half else torch.float32
+        self.device, self.dtype = str(self._device), str(self._dtype).removeprefix("torch.")
+        self.model = prepare_for_inference(model, self._device, self._dtype)
         S, C, B = model.grid_size, model.num_classes, model.boxes_per_cell
         self._image_size = model.image_size
         self._grid_shape = (S, S, C + 5 * B)
+        self._B, self._C = B, C
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        _check_images(images, self._image_size)
+    def _grid(self, images: torch.Tensor) -> torch.Tensor:
+        torch = self._torch
+        _check_images(tuple(images.shape), images.is_floating_point(), self._image_size)
         if images.shape[0] == 0:  # view(-1, ...) cannot infer N from an empty batch
-            return torch.empty((0, *self._grid_shape), device=self.device)
+            return torch.empty((0, *self._grid_shape))
         with torch.inference_mode():
-            if images.device.type == "cpu" and self.device.type == "cuda":
+            if images.device.type == "cpu" and self._device.type == "cuda":
                 # From pinned memory the copy is asynchronous: the host goes on queueing work.
-                images = images.pin_memory().to(self.device, non_blocking=True)
-            x = images.to(self.device, self.dtype, memory_format=torch.channels_last)
-            return self.model(x).float()  # (N, S, S, C+5B)
+                images = images.pin_memory().to(self._device, non_blocking=True)
+            x = images.to(self._device, self._dtype, memory_format=torch.channels_last)
+            return self.model(x).float().cpu()  # (N, S, S, C+5B)
+
+    def _stack(self, images: Sequence[Pixels]) -> torch.Tensor:
+        torch = self._torch
+        return torch.stack([torch.as_tensor(image) for image in images])
+
+    def forward(self, images: Pixels) -> np.ndarray:
+        return self._grid(self._torch.as_tensor(images)).numpy()
+
+    def detect(
+        self, images: Sequence[Pixels], options: Sequence[DetectOptions]
+    ) -> list[Detections]:
+        from model.postprocess import postprocess
+
+        if not images:
+            return []
+        grid = self._grid(self._stack(images))
+        S, B, C = grid.shape[1], self._B, self._C
+        found = []
+        for i, option in enumerate(options):
+            # Every detection: the class filter and the limit come after (app.inference.select).
+            (kept,) = postprocess(
+                grid[i : i + 1], B, C, option.conf_threshold, option.iou_threshold, S * S * B * C
+            )
+            found.append(_to_detections(kept["boxes"], kept["scores"], kept["labels"]))
+        return found
+
+
+def nms_model(opset: int = 17) -> bytes:
+    """A one-node ONNX graph: ``NonMaxSuppression`` per image and class.
+
+    Inputs: ``boxes`` (N, M, 4) xyxy, ``scores`` (N, C, M), ``max_per_class`` int64 (1,),
+    ``iou_threshold`` and ``score_threshold`` float (1,). Output ``selected`` (K, 3) int64 rows
+    (image, class, box). A pair is kept when its score is over ``score_threshold`` and no
+    better pair of its image and class overlaps it by an IoU over ``iou_threshold``: the
+    rule of ``model.postprocess`` (threshold, then ``torchvision.ops.batched_nms``).
+    """
+    float_in = [
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", "M", 4]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", "C", "M"]),
+    ]
+    scalars = [
+        helper.make_tensor_value_info("max_per_class", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("iou_threshold", TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info("score_threshold", TensorProto.FLOAT, [1]),
+    ]
+    node = helper.make_node(
+        "NonMaxSuppression",
+        ["boxes", "scores", "max_per_class", "iou_threshold", "score_threshold"],
+        ["selected"],
+        center_point_box=0,  # corners, in either order
+    )
+    out = helper.make_tensor_value_info("selected", TensorProto.INT64, ["K", 3])
+    graph = helper.make_graph([node], "yolov1_nms", float_in + scalars, [out])
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)]
+    ).SerializeToString()
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Measured with benchmarks/serving.py: the arena keeps the largest batch's activations
+    # for good (peak 795 -> 531 MB for yolov1-tiny at batch 16, same speed), and spinning
+    # idle threads starve the decode pool (c1 p50 87-117 -> 66-69 ms).
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set (as torch reads it), else the CPUs this process may use."""
+    if (value := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(value) > 0:
+        return int(value)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class OnnxRuntimeBackend:
-    """ONNX Runtime on an export written by ``model.export``; the grid comes back on the CPU."""
+    """ONNX Runtime on an export written by ``model.export``; results come back on the CPU."""
 
     name = "onnxruntime"
-    dtype = torch.float32
+    dtype = "float32"
 
     def __init__(
-        self, onnx_path: str | Path, device: torch.device | str, threads: int | None = None
+        self,
+        onnx_path: str | Path,
+        metadata: dict[str, Any],
+        device: str = "cpu",
+        threads: int | None = None,
     ):
-        device = torch.device(device)
-        threads = torch.get_num_threads() if threads is None else threads
+        threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Measured with benchmarks/serving.py: the arena keeps the largest batch's activations
-        # for good (peak 795 -> 531 MB for yolov1-tiny at batch 16, same speed), and spinning
-        # idle threads starve the decode pool (c1 p50 87-117 -> 66-69 ms).
-        options.enable_cpu_mem_arena = False
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = _session_options(threads)
         providers: list = ["CPUExecutionProvider"]
-        if device.type == "cuda":
+        if device.startswith("cuda"):
             if "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+                index = int(device.partition(":")[2] or 0)
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
             else:
                 logger.warning("onnxruntime has no CUDAExecutionProvider; running on the CPU")
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         # ONNX Runtime falls back to the CPU when the CUDA libraries fail to load.
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
-        self.device = device if on_cuda else torch.device("cpu")
-        (images,), (grid,) = self.session.get_inputs(), self.session.get_outputs()
-        if (images.name, grid.name) != (INPUT_NAME, OUTPUT_NAME) or not all(
-            isinstance(d, int) for d in [*images.shape[1:], *grid.shape[1:]]
-        ):
-            raise ValueError(
-                f"{onnx_path} is not a YOLOv1 export: expected {INPUT_NAME} (N, 3, H, W) -> "
-                f"{OUTPUT_NAME} (N, S, S, C+5B), got {images.name} {images.shape} -> "
-                f"{grid.name} {grid.shape}"
-            )
-        self._image_size = images.shape[2]
-        self._grid_shape = tuple(grid.shape[1:])
+        self.device = device if on_cuda else "cpu"
+        self._check_signature(onnx_path, metadata)
+        self._image_size = metadata["image_size"]
+        S, B, C = metadata["grid_size"], metadata["boxes_per_cell"], metadata["num_classes"]
+        self._grid_shape = (S, S, C + 5 * B)
+        self._boxes = S * S * B  # M: box predictions per image
+        self._classes = C
+        # NMS is cheap and sequential: one thread, on the CPU, where the scores already are.
+        self.nms = ort.InferenceSession(
+            nms_model(), _session_options(1), providers=["CPUExecutionProvider"]
+        )
         logger.info(
             "onnxruntime session on %s with %d threads", self.session.get_providers(), threads
         )
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        _check_images(images, self._image_size)
+    def _check_signature(self, onnx_path: str | Path, metadata: dict[str, Any]) -> None:
+        S, B, C = metadata["grid_size"], metadata["boxes_per_cell"], metadata["num_classes"]
+        H, M = metadata["image_size"], S * S * B
+        expected = {
+            INPUT_NAME: [3, H, H],
+            "grid": [S, S, C + 5 * B],
+            "boxes": [M, 4],
+            "scores": [C, M],
+        }
+        found = {v.name: v.shape[1:] for v in self.session.get_inputs()}
+        found |= {v.name: v.shape[1:] for v in self.session.get_outputs()}
+        batch_dims = [v.shape[0] for v in [*self.session.get_inputs(), *self.session.get_outputs()]]
+        if found != expected or any(isinstance(d, int) for d in batch_dims):
+            raise ValueError(
+                f"{onnx_path} is not the export of this checkpoint: expected (batch, ...) "
+                f"{expected}, found {found} with batch dimensions {batch_dims}"
+            )
+
+    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        _check_images(images.shape, np.issubdtype(images.dtype, np.floating), self._image_size)
         if images.shape[0] == 0:
-            return torch.empty((0, *self._grid_shape))
-        x = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        (grid,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        return torch.from_numpy(grid)  # (N, S, S, C+5B)
+            M, C = self._boxes, self._classes
+            return (
+                np.empty((0, *self._grid_shape), np.float32),
+                np.empty((0, M, 4), np.float32),
+                np.empty((0, C, M), np.float32),
+            )
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        grid, boxes, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return grid, boxes, scores
+
+    def forward(self, images: Pixels) -> np.ndarray:
+        return self._run(np.asarray(images))[0]
+
+    def detect(
+        self, images: Sequence[Pixels], options: Sequence[DetectOptions]
+    ) -> list[Detections]:
+        if not images:
+            return []
+        _, boxes, scores = self._run(np.stack([np.asarray(image) for image in images]))
+        # One NMS run per distinct (conf, iou): usually the whole batch shares them.
+        groups: dict[tuple[float, float], list[int]] = defaultdict(list)
+        for i, option in enumerate(options):
+            groups[option.conf_threshold, option.iou_threshold].append(i)
+        found: list[Detections | None] = [None] * len(images)
+        for (conf, iou), members in groups.items():
+            (selected,) = self.nms.run(
+                None,
+                {
+                    "boxes": boxes[members],
+                    "scores": scores[members],
+                    "max_per_class": np.array([self._boxes], dtype=np.int64),
+                    "iou_threshold": np.array([iou], dtype=np.float32),
+                    "score_threshold": np.array([conf], dtype=np.float32),
+                },
+            )
+            for k, i in enumerate(members):
+                rows = selected[selected[:, 0] == k]
+                labels, box_idx = rows[:, 1], rows[:, 2]
+                kept_scores = scores[i, labels, box_idx]
+                order = np.argsort(-kept_scores, kind="stable")
+                found[i] = _to_detections(
+                    boxes[i, box_idx[order]], kept_scores[order], labels[order]
+                )
+        return found  # type: ignore[return-value]
 
 
-def resolve_backend_name(name: str, device: torch.device | str) -> str:
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> "cuda" when PyTorch sees a CUDA GPU, else "cpu"; other names unchanged.
+
+    PyTorch is asked only where an NVIDIA GPU could be (a /dev/nvidia* node on Linux), so a
+    CPU-only machine decides without importing it.
+    """
+    if name != "auto":
+        return name
+    if sys.platform.startswith("linux") and not any(Path("/dev").glob("nvidia[0-9]*")):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_backend_name(name: str, device: str) -> str:
     """Map ``name`` ("auto", "torch" or "onnxruntime") to the concrete backend for ``device``."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
@@ -141,33 +327,42 @@ def resolve_backend_name(name: str, device: torch.device | str) -> str:
     # The one place "auto" is decided. On the CPU ONNX Runtime beats eager PyTorch: at 448 px,
     # batch 8, 2 threads, 32 vs 13 img/s for yolov1-tiny and 3.7 vs 2.6 for yolov1. On CUDA,
     # eager PyTorch with cuDNN (fp16 optional) needs no onnxruntime-gpu; not yet measured.
-    return "onnxruntime" if torch.device(device).type == "cpu" else "torch"
+    return "onnxruntime" if device == "cpu" else "torch"
 
 
 def create_backend(
     name: BackendName | str,
-    model: YOLOv1,
     weights_path: str | Path,
-    device: torch.device | str,
+    metadata: dict[str, Any],
+    device: str,
     half: bool = False,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
 ) -> Backend:
-    """Build the backend called ``name`` for ``model``, whose weights are ``weights_path``.
+    """Build the backend called ``name`` for the checkpoint ``weights_path`` (``metadata``).
 
     ``half`` (fp16) needs the torch backend on CUDA. For onnxruntime the export is cached by the
-    weights file's content (see ``model.export.ensure_onnx``); ``threads`` defaults to torch's.
+    weights file's content (see ``model.export.ensure_onnx``); a cached file that ONNX Runtime
+    cannot use is exported again once. ``threads`` defaults to ``default_threads()``.
     """
-    device = torch.device(device)
     resolved = resolve_backend_name(name, device)
     if resolved == "torch":
+        from model.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(weights_path)  # on the CPU; the backend places it
         backend: Backend = TorchBackend(model, device, half)
     else:
         if half:
             raise ValueError(
                 f"half precision needs the torch backend on CUDA, got {name!r} on {device}"
             )
-        backend = OnnxRuntimeBackend(ensure_onnx(model, weights_path, cache_dir), device, threads)
+        path = ensure_onnx(weights_path, cache_dir)
+        try:
+            backend = OnnxRuntimeBackend(path, metadata, device, threads)
+        except Exception as exc:  # truncated, foreign, or an older layout: export it again
+            logger.warning("cannot use the ONNX export %s (%s); exporting again", path, exc)
+            path = ensure_onnx(weights_path, cache_dir, replace=True)
+            backend = OnnxRuntimeBackend(path, metadata, device, threads)
     logger.info(
         "backend %s (asked for %r) on %s, %s", resolved, name, backend.device, backend.dtype
     )

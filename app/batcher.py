@@ -67,8 +67,11 @@ class Batcher(Generic[T, R]):
 
     ``run_batch(items) -> results`` (same length, same order) runs in a dedicated worker
     thread, so the event loop stays free. When the worker is idle the batch window stays open
-    ``max_wait_s`` after the first arrival; when it was busy, whatever queued meanwhile runs
-    at once. ``run_batch`` is a plain attribute, so tests can wrap it to hold the worker.
+    ``max_wait_s`` after the first arrival, but only while ``incoming()`` says more items are
+    on their way (the caller's count of items about to be submitted, such as uploads still
+    being decoded): a lone item runs at once. When the worker was busy, whatever queued
+    meanwhile runs at once. ``run_batch`` is a plain attribute, so tests can wrap it to hold
+    the worker.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Batcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        incoming: Callable[[], int] | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -92,6 +96,8 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        # None: nothing is known of arrivals, so the window always stays open its full time.
+        self.incoming = incoming
         self._queue: deque[_Pending[T, R]] = deque()
         self._arrived = asyncio.Event()
         self._closed = False
@@ -195,6 +201,8 @@ class Batcher(Generic[T, R]):
             # Timed from the first arrival: if the worker was busy it has already passed.
             window_end = self._queue[0].enqueued + self.max_wait_s
             while len(self._queue) < self.max_batch_size and not self._closed:
+                if self.incoming is not None and self.incoming() <= 0:
+                    break  # nothing more on its way: waiting would only add latency
                 remaining = window_end - time.monotonic()
                 if remaining <= 0:
                     break

@@ -4,6 +4,9 @@ Decoding is defensive: the format is checked before any pixel is decoded, the pi
 read from the header (so a decompression bomb is refused without being decoded), and large
 JPEGs are decoded at reduced scale. Boxes are reported in pixels of the uploaded image after
 its EXIF orientation. When serving on CUDA, JPEGs are decoded, resized and scaled on the GPU.
+
+On the CPU nothing here needs PyTorch (PIL decodes and resizes, numpy carries the pixels), so
+a service on the ONNX Runtime backend never loads it; the GPU path imports it when used.
 """
 
 from __future__ import annotations
@@ -12,17 +15,17 @@ import io
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as F
 
-from app.backends import Backend, create_backend
-from model.checkpoint import file_sha256, load_checkpoint
-from model.postprocess import postprocess
+from model.metadata import file_sha256, read_metadata
+
+if TYPE_CHECKING:
+    import torch
+
+    from app.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +64,12 @@ class ImageTooLarge(ImageError):
     """More pixels than allowed, as declared by the header."""
 
 
+Pixels = Any  # (3, size, size) float32 RGB in [0, 1]: a numpy array, or a torch tensor on CUDA
+
+
 @dataclass(frozen=True)
 class DecodedImage:
-    tensor: torch.Tensor  # (3, size, size) float32 RGB in [0, 1], plainly resized, on the device
+    pixels: Pixels  # plainly resized to the network's input; numpy unless decoded on a GPU
     width: int  # of the upload after EXIF orientation, in pixels
     height: int
     image: Image.Image | None = None  # the oriented full-size RGB image, when asked for
@@ -74,7 +80,7 @@ def decode_image(
     size: int,
     max_pixels: int,
     keep_image: bool = False,
-    device: torch.device | None = None,
+    device: str | None = None,
     torchvision_jpeg: bool | None = None,
 ) -> DecodedImage:
     """Decode an upload into the network's input; raise an ``ImageError`` subclass if unusable.
@@ -82,13 +88,14 @@ def decode_image(
     ``keep_image`` also returns the oriented RGB image at full size (for drawing on); without
     it a JPEG is decoded at the smallest DCT scale that still gives ``size`` pixels a side.
 
-    The tensor is returned on ``device`` (None: the CPU). With ``torchvision_jpeg`` (by default
-    when ``device`` is CUDA) a JPEG is decoded by torchvision straight onto ``device`` (nvJPEG on
-    CUDA) and resized there; other formats, ``keep_image``, and JPEGs torchvision cannot decode
-    go through PIL, whose errors are the ones raised. The header checks come first either way.
+    ``device`` None (or "cpu") gives a numpy array from PIL. Any other torch device (such as
+    "cuda:0") gives a torch tensor there; with ``torchvision_jpeg`` (by default when ``device``
+    is CUDA) a JPEG is then decoded by torchvision straight onto ``device`` (nvJPEG on CUDA) and
+    resized there. Other formats, ``keep_image``, and JPEGs torchvision cannot decode go through
+    PIL, whose errors are the ones raised. The header checks come first either way.
     """
     if torchvision_jpeg is None:
-        torchvision_jpeg = device is not None and device.type == "cuda"
+        torchvision_jpeg = device is not None and device.startswith("cuda")
     if not data:
         raise CorruptImage("the uploaded file is empty")
     try:
@@ -109,7 +116,7 @@ def decode_image(
         orientation = _orientation(image)
         if torchvision_jpeg and not keep_image and _torchvision_can_decode(image, data):
             try:
-                tensor = decode_jpeg_tensor(data, size, orientation, device or torch.device("cpu"))
+                tensor = decode_jpeg_tensor(data, size, orientation, device or "cpu")
             except Exception as exc:  # PIL decides: it decodes the image or names the fault
                 logger.debug("torchvision cannot decode a JPEG (%s); using PIL", exc)
             else:
@@ -120,9 +127,11 @@ def decode_image(
             raise
         except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, ...
             raise CorruptImage(f"cannot decode the image ({exc})") from None
-    if device is None or device.type == "cpu":
+    if device is None or device == "cpu":
         return decoded
-    return replace(decoded, tensor=decoded.tensor.to(device))
+    import torch
+
+    return replace(decoded, pixels=torch.from_numpy(decoded.pixels).to(device))
 
 
 def _torchvision_can_decode(image: Image.Image, data: bytes) -> bool:
@@ -135,17 +144,19 @@ def _torchvision_can_decode(image: Image.Image, data: bytes) -> bool:
     )
 
 
-def decode_jpeg_tensor(
-    data: bytes, size: int, orientation: int, device: torch.device
-) -> torch.Tensor:
+def decode_jpeg_tensor(data: bytes, size: int, orientation: int, device: str) -> torch.Tensor:
     """Decode JPEG ``data`` on ``device`` (nvJPEG on CUDA) to (3, size, size) float32 in [0, 1].
 
     ``orientation`` is the EXIF tag read from the header, applied here rather than by
     ``decode_jpeg``, which applies it on the CPU only: the CPU run then tests the GPU's code.
     Raises whatever torchvision raises for a stream it cannot decode.
     """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (L,) on the CPU, as required
-    pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # (3, h, w) uint8
+    pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=torch.device(device))
     upright = _orient_tensor(pixels, orientation)
     resized = F.resize(upright, [size, size], antialias=True)  # (3, size, size)
     return F.to_dtype(resized, torch.float32, scale=True)
@@ -187,11 +198,13 @@ def _decode(image: Image.Image, size: int, keep_image: bool, orientation: int) -
     if orientation in _UPRIGHT:
         image = image.transpose(_UPRIGHT[orientation])
     oriented = _to_rgb(image)
-    pixels = F.pil_to_tensor(oriented)  # (3, h, w) uint8
-    # As at evaluation (model.data.build_transform): plain antialiased resize, then [0, 1].
-    resized = F.resize(pixels, [size, size], antialias=True)  # (3, size, size)
-    tensor = F.to_dtype(resized, torch.float32, scale=True)
-    return DecodedImage(tensor, width, height, oriented if keep_image else None)
+    # As at evaluation (model.data.build_transform): a plain antialiased bilinear resize, then
+    # [0, 1]. PIL's filter is the one torchvision's antialiased uint8 resize reproduces.
+    resized = oriented.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255  # (3, size, size)
+    return DecodedImage(
+        np.ascontiguousarray(pixels), width, height, oriented if keep_image else None
+    )
 
 
 def _orientation(image: Image.Image) -> int:
@@ -225,16 +238,37 @@ class DetectOptions:
 class Job:
     """One image waiting for inference."""
 
-    image: torch.Tensor  # (3, H, W) float32 in [0, 1]
+    image: Pixels  # (3, H, W) float32 in [0, 1]
     options: DetectOptions
 
 
-class Detector:
-    """A checkpoint behind a backend: a batch of jobs in, one detection dict per job out.
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections, best first: numpy arrays on the CPU."""
 
-    Each dict holds ``boxes`` (K, 4) xyxy normalised to [0, 1], ``scores`` (K,) decreasing and
-    ``labels`` (K,), as ``model.postprocess`` returns them.
+    boxes: np.ndarray  # (K, 4) float32 xyxy, normalised to [0, 1]
+    scores: np.ndarray  # (K,) float32, decreasing
+    labels: np.ndarray  # (K,) int64 class ids
+
+
+def select(found: Detections, options: DetectOptions) -> Detections:
+    """Keep ``options.class_ids`` (all when None), then the best ``options.max_detections``.
+
+    ``found`` is sorted by decreasing score, as both backends return it; the class filter
+    comes first, so that a filtered answer still holds up to ``max_detections`` of those
+    classes.
     """
+    keep = slice(None)
+    if options.class_ids is not None:
+        keep = np.isin(found.labels, np.array(sorted(options.class_ids), dtype=np.int64))
+    limit = options.max_detections
+    return Detections(
+        found.boxes[keep][:limit], found.scores[keep][:limit], found.labels[keep][:limit]
+    )
+
+
+class Detector:
+    """A checkpoint behind a backend: a batch of jobs in, one ``Detections`` per job out."""
 
     def __init__(self, backend: Backend, metadata: dict[str, Any], weights: Path, version: str):
         self.backend = backend
@@ -250,49 +284,41 @@ class Detector:
     def load(
         cls,
         weights: str | Path,
-        device: torch.device,
+        device: str,
         backend: str = "auto",
         half: bool = False,
     ) -> Detector:
-        """Load ``weights`` and build the backend; raises ``CheckpointError`` or ``ValueError``."""
+        """Read ``weights`` and build the backend; raises ``CheckpointError`` or ``ValueError``.
+
+        On the ONNX Runtime backend only the metadata is read here: the tensors go through
+        the export (see ``app.backends.create_backend``).
+        """
+        from app.backends import create_backend
+
         weights = Path(weights)
-        model, metadata = load_checkpoint(weights)  # on the CPU; the backend places it
-        runner = create_backend(backend, model, weights, device, half=half)
+        metadata = read_metadata(weights)
+        runner = create_backend(backend, weights, metadata, device, half=half)
         return cls(runner, metadata, weights, file_sha256(weights)[:12])
 
-    def __call__(self, jobs: list[Job]) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, jobs: list[Job]) -> list[Detections]:
         if not jobs:
             return []
-        images = torch.stack([job.image for job in jobs])  # (N, 3, H, W)
-        grid = self.backend(images).float().cpu()  # (N, S, S, C+5B)
-        return [self._postprocess(grid[i : i + 1], job.options) for i, job in enumerate(jobs)]
-
-    def _postprocess(self, grid: torch.Tensor, options: DetectOptions) -> dict[str, torch.Tensor]:
-        S, C, B = grid.shape[1], self.num_classes, self.boxes_per_cell
-        keep_all = options.class_ids is None
-        # With a class filter, filter all candidates first and cut to max_detections after.
-        limit = options.max_detections if keep_all else S * S * B * C
-        (found,) = postprocess(grid, B, C, options.conf_threshold, options.iou_threshold, limit)
-        if keep_all:
-            return found
-        wanted = torch.tensor(sorted(options.class_ids), dtype=found["labels"].dtype)
-        mask = torch.isin(found["labels"], wanted)
-        return {k: v[mask][: options.max_detections] for k, v in found.items()}
+        found = self.backend.detect([job.image for job in jobs], [job.options for job in jobs])
+        return [select(f, job.options) for f, job in zip(found, jobs, strict=True)]
 
     def warm_up(self) -> None:
         """Run one batch of one blank image, so the first request pays no first-call costs."""
-        blank = torch.zeros(3, self.image_size, self.image_size)
+        blank = np.zeros((3, self.image_size, self.image_size), dtype=np.float32)
         self([Job(blank, DetectOptions(0.5, 0.5, 1))])
 
 
-def to_pixels(boxes_xyxy: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def to_pixels(boxes_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
     """Scale (K, 4) xyxy boxes normalised to [0, 1] to pixels of a ``width`` x ``height`` image.
 
     The network input is a plain resize of the whole image, so the normalised coordinates map
     to the image's pixels by its two side lengths.
     """
-    scale = torch.tensor([width, height, width, height], dtype=boxes_xyxy.dtype)
-    return boxes_xyxy * scale
+    return boxes_xyxy * np.array([width, height, width, height], dtype=boxes_xyxy.dtype)
 
 
 def draw_detections(

@@ -37,7 +37,7 @@ from app.routes import detect, health, model
 from app.routes import metrics as metrics_route
 from app.service import ClientDisconnected, DeadlineExceeded, Service, StartupError, Unavailable
 from app.settings import Settings
-from model.checkpoint import CheckpointError, read_metadata
+from model.metadata import CheckpointError, read_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
 
-import torch
 from PIL import Image
 
+from app.backends import resolve_device
 from app.batcher import Batcher, Done, QueueFull
 from app.inference import (
     DecodedImage,
+    Detections,
     DetectOptions,
     Detector,
     Job,
@@ -30,7 +31,6 @@ from app.inference import (
 from app.metrics import Metrics
 from app.schemas import Box, Detection, DetectionResult, ImageSize, ModelRef, Timing
 from app.settings import FALLBACK_CONF_THRESHOLD, Settings
-from model.evaluate import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Service:
         self.settings = settings
         self.metrics = metrics
         self.detector: Detector | None = None
-        self.batcher: Batcher[Job, dict[str, torch.Tensor]] | None = None
+        self.batcher: Batcher[Job, Detections] | None = None
         self.draining = False
         self._in_flight = 0
         self._decoding = 0  # images admitted and not yet queued: they hold queue slots too
@@ -77,7 +77,7 @@ class Service:
         s = self.settings
         try:
             device = resolve_device(s.device)
-            half = s.half and device.type == "cuda"
+            half = s.half and device.startswith("cuda")
             if s.half and not half:
                 logger.warning("YOLOV1_HALF is ignored on %s: fp16 needs CUDA", device)
             detector = await asyncio.to_thread(Detector.load, s.weights, device, s.backend, half)
@@ -99,6 +99,7 @@ class Service:
             s.max_wait_ms / 1000,
             s.max_queue,
             self.metrics.observe_batch,
+            incoming=lambda: self._decoding,
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
         self.batcher.start()
@@ -241,7 +242,7 @@ class Service:
             if errors := [e for e in decoded if isinstance(e, BaseException)]:
                 raise errors[0]
             images: list[DecodedImage] = decoded
-            futures = self.batcher.submit([Job(image.tensor, options) for image in images])
+            futures = self.batcher.submit([Job(image.pixels, options) for image in images])
         finally:
             self._decoding -= len(uploads)
         deadline = started + self.settings.request_timeout_s
@@ -260,7 +261,7 @@ class Service:
             size=self.detector.image_size,
             max_pixels=self.settings.max_image_pixels,
             keep_image=keep_image,
-            device=device if device.type == "cuda" else None,
+            device=device if device.startswith("cuda") else None,
         )
 
     def _admit(self, n_images: int) -> None:
@@ -308,8 +309,8 @@ class Service:
                 gathered.cancel()
 
     def _response(self, image: DecodedImage, result: Done, total_ms: float) -> DetectionResult:
-        found = result.value
-        boxes = to_pixels(found["boxes"], image.width, image.height).tolist()
+        found: Detections = result.value
+        boxes = to_pixels(found.boxes, image.width, image.height).tolist()
         names = self.detector.class_names
         detections = [
             Detection(
@@ -319,7 +320,7 @@ class Service:
                 box=Box(x1=x1, y1=y1, x2=x2, y2=y2),
             )
             for (x1, y1, x2, y2), score, label in zip(
-                boxes, found["scores"].tolist(), found["labels"].tolist(), strict=True
+                boxes, found.scores.tolist(), found.labels.tolist(), strict=True
             )
         ]
         return DetectionResult(

@@ -18,9 +18,9 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
+from app.backends import resolve_device
 from app.inference import DetectOptions, Detector, ImageError, Job, decode_image, to_pixels
 from app.settings import FALLBACK_CONF_THRESHOLD, Settings
-from model.evaluate import resolve_device
 
 _DEFAULTS = Settings.model_fields  # the class's defaults; nothing is read from the environment
 
@@ -51,8 +51,8 @@ def create_naive_app(detector: Detector) -> FastAPI:
             decoded = decode_image(data, detector.image_size, MAX_IMAGE_PIXELS)
         except ImageError as exc:
             raise HTTPException(400, str(exc)) from None
-        [found] = detector([Job(decoded.tensor, options)])  # blocks the event loop
-        boxes = to_pixels(found["boxes"], decoded.width, decoded.height).tolist()
+        [found] = detector([Job(decoded.pixels, options)])  # blocks the event loop
+        boxes = to_pixels(found.boxes, decoded.width, decoded.height).tolist()
         return {
             "model": {"name": detector.metadata["arch"], "version": detector.version},
             "image": {"width": decoded.width, "height": decoded.height},
@@ -64,7 +64,7 @@ def create_naive_app(detector: Detector) -> FastAPI:
                     "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2},
                 }
                 for (x1, y1, x2, y2), score, label in zip(
-                    boxes, found["scores"].tolist(), found["labels"].tolist(), strict=True
+                    boxes, found.scores.tolist(), found.labels.tolist(), strict=True
                 )
             ],
         }
@@ -76,7 +76,7 @@ def create_naive_app(detector: Detector) -> FastAPI:
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
         backend = detector.backend
-        return {"backend": backend.name, "device": str(backend.device), "batching": None}
+        return {"backend": backend.name, "device": backend.device, "batching": None}
 
     return app
 

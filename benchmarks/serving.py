@@ -51,14 +51,13 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from app.backends import Backend, create_backend, resolve_backend_name
+from app.backends import Backend, create_backend, resolve_backend_name, resolve_device
 from app.inference import Detector, Job, decode_image, to_pixels
 from app.settings import DEFAULT_WEIGHTS
 from benchmarks.decode import LARGE_SIZE, format_decode, make_large_jpeg, time_decode
 from benchmarks.naive_server import MAX_IMAGE_PIXELS, default_options
 from model import ARCHITECTURES, VOC_CLASSES, build_model, load_checkpoint, save_checkpoint
-from model.checkpoint import file_sha256
-from model.evaluate import resolve_device
+from model.metadata import file_sha256, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def float32_bytes(model: torch.nn.Module) -> int:
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def describe_machine(device: torch.device) -> dict[str, Any]:
+def describe_machine(device: str) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -122,8 +121,8 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
 
 
@@ -144,9 +143,7 @@ def _timed_calls(call: Callable[[int], object], calls: int) -> tuple[list[float]
 
 
 def _forward(backend: Backend, images: torch.Tensor, _: int) -> None:
-    backend(images)
-    if backend.device.type == "cuda":
-        torch.cuda.synchronize(backend.device)
+    backend.forward(images)  # the grid comes back to the host: on CUDA, that synchronises
 
 
 def _end_to_end(detector: Detector, jpegs: list[bytes], batch_size: int, i: int) -> None:
@@ -154,14 +151,14 @@ def _end_to_end(detector: Detector, jpegs: list[bytes], batch_size: int, i: int)
     uploads = [jpegs[(i * batch_size + k) % len(jpegs)] for k in range(batch_size)]
     decoded = [decode_image(data, detector.image_size, MAX_IMAGE_PIXELS) for data in uploads]
     options = default_options(detector)
-    found = detector([Job(d.tensor, options) for d in decoded])
+    found = detector([Job(d.pixels, options) for d in decoded])
     for d, f in zip(decoded, found, strict=True):
-        to_pixels(f["boxes"], d.width, d.height)
+        to_pixels(f.boxes, d.width, d.height)
 
 
 def time_in_process(
     weights: Path,
-    device: torch.device,
+    device: str,
     backends: list[str],
     batch_sizes: list[int],
     jpegs: list[bytes],
@@ -172,7 +169,7 @@ def time_in_process(
     End to end is ``decode_image`` per JPEG (draft mode included), ``Detector`` (stack,
     forward, postprocess per image) and ``to_pixels``: what the service does to a batch.
     """
-    model, metadata = load_checkpoint(weights)
+    metadata = read_metadata(weights)
     size = metadata["image_size"]
     rows = []
     # Timed on a worker thread, as the service runs its batches and decodes. On the main thread
@@ -180,18 +177,18 @@ def time_in_process(
     # float of a decoded image) ~100x slower, which would flatter the service.
     worker = ThreadPoolExecutor(1, thread_name_prefix="bench")
     for name in backends:
-        backend = create_backend(name, model, weights, device)
+        backend = create_backend(name, weights, metadata, device)
         detector = Detector(backend, metadata, weights, version="benchmark")
         for batch_size in batch_sizes:
             calls = max(2, math.ceil(images_per_row / batch_size))
-            images = torch.rand(batch_size, 3, size, size, device=backend.device)
+            images = torch.rand(batch_size, 3, size, size, device=torch.device(backend.device))
             for mode, call in (
                 ("forward", partial(_forward, backend, images)),
                 ("end_to_end", partial(_end_to_end, detector, jpegs, batch_size)),
             ):
                 row = {
                     "backend": name,
-                    "device": str(backend.device),  # onnxruntime may fall back to the CPU
+                    "device": backend.device,  # onnxruntime may fall back to the CPU
                     "mode": mode,
                     "batch_size": batch_size,
                     **_throughput(batch_size, *worker.submit(_timed_calls, call, calls).result()),
@@ -792,7 +789,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "weights": str(weights) if args.arch is None else f"random {args.arch}",
             "weights_sha256": file_sha256(weights),
             "weights_fp32_bytes": float32_bytes(model),
-            "device": str(device),
+            "device": device,
             "images": [name for name, _ in jpegs],
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
@@ -821,7 +818,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     results["ratios"], results["targets"] = evaluate(results)
     print(format_report(results))
-    write_results(results, args.out, f"{meta['arch']}-{meta['image_size']}-{device.type}")
+    write_results(
+        results, args.out, f"{meta['arch']}-{meta['image_size']}-{device.partition(':')[0]}"
+    )
     return results
 
 

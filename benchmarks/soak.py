@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from app.backends import resolve_device
 from app.settings import DEFAULT_WEIGHTS, Settings
 from benchmarks.serving import (
     IMAGES_DIR,
@@ -60,7 +61,6 @@ from benchmarks.serving import (
 )
 from model import ARCHITECTURES
 from model.checkpoint import file_sha256, read_metadata
-from model.evaluate import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "image_size": metadata["image_size"],
             "weights": str(weights) if args.arch is None else f"random {args.arch}",
             "weights_sha256": file_sha256(weights),
-            "device": str(device),
+            "device": device,
             "mix": dict(Counter(MIX)),
             "images": [name for name, _ in jpegs],
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

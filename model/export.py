@@ -1,28 +1,47 @@
-"""ONNX export of a YOLOv1, and a cache of exports keyed by the weights file's content.
+"""ONNX export of a YOLOv1 for serving, and a cache of exports keyed by the weights' content.
 
-The exported graph maps ``images`` (N, 3, H, W) float32 RGB in [0, 1] to the raw ``grid``
-(N, S, S, C + 5B), exactly as ``YOLOv1.forward`` does; N is dynamic, H = W = ``image_size``.
+The exported graph maps ``images`` (N, 3, H, W) float32 RGB in [0, 1] (N dynamic, H = W =
+``image_size``) to
+- ``grid`` (N, S, S, C + 5B): the raw output, exactly as ``YOLOv1.forward``;
+- ``boxes`` (N, S*S*B, 4): every predicted box, xyxy normalised to [0, 1] and clipped;
+- ``scores`` (N, C, S*S*B): ``conf * class_score`` of every (box, class) pair, as
+  ``model.postprocess.candidates`` computes them, in the layout ONNX ``NonMaxSuppression``
+  takes.
+Thresholds and NMS stay outside the graph, since they change per request.
+
+Nothing here imports torch at module level: the service finds a cached export, or has one
+written by a child process (``python -m model.export WEIGHTS OUT``), without loading PyTorch.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
-import torch
-from google.protobuf.message import DecodeError
+from model.metadata import file_sha256
 
-from model.checkpoint import file_sha256
-from model.network import YOLOv1, prepare_for_inference
+if TYPE_CHECKING:
+    from model.network import YOLOv1
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "images"
-OUTPUT_NAME = "grid"
+OUTPUT_NAMES = ("grid", "boxes", "scores")
+# Part of the cache file name: bump it whenever the graph's inputs or outputs change, so that
+# an export in an older layout is never picked up.
+EXPORT_VERSION = 2
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+Exporter = Callable[[Path, Path], Path]  # (weights, out) -> out
 
 
 def export_onnx(model: YOLOv1, path: str | Path, opset: int | None = None) -> Path:
@@ -31,25 +50,41 @@ def export_onnx(model: YOLOv1, path: str | Path, opset: int | None = None) -> Pa
     ``model`` is an unfolded YOLOv1 as built or loaded; it is not modified. ``opset=None`` takes
     the exporter's default. The file appears atomically: a crash leaves no partial ``path``.
     """
+    import torch
+
+    from model.network import prepare_for_inference
+    from model.postprocess import candidates
+
+    class Servable(torch.nn.Module):
+        def __init__(self, network: torch.nn.Module, B: int, C: int):
+            super().__init__()
+            self.network, self.B, self.C = network, B, C
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            grid = self.network(images)
+            boxes, scores = candidates(grid, self.B, self.C)
+            return grid, boxes, scores.transpose(1, 2)
+
     path = Path(path)
     ready = prepare_for_inference(model, "cpu", torch.float32)
+    servable = Servable(ready, model.boxes_per_cell, model.num_classes).eval()
     # Batch 2, not 1: torch.export specialises a size-1 dimension to the constant 1.
     example = torch.rand(2, 3, model.image_size, model.image_size)
     # The torch.export-based exporter (the default since torch 2.9) rather than the TorchScript
-    # one, which 2.14 deprecates for removal and which loses the static S, S, C+5B output dims.
+    # one, which 2.14 deprecates for removal and which loses the static output dims.
     batch = torch.export.Dim("batch", min=1)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
     start = time.perf_counter()
     try:
         torch.onnx.export(
-            ready,
+            servable,
             (example,),
             tmp,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
             opset_version=opset,
             dynamo=True,
-            dynamic_shapes={INPUT_NAME: {0: batch}},
+            dynamic_shapes={"images": {0: batch}},
             external_data=False,  # one file, so a single rename publishes it
             verbose=False,
         )
@@ -60,68 +95,96 @@ def export_onnx(model: YOLOv1, path: str | Path, opset: int | None = None) -> Pa
     return path
 
 
-def _onnx_file_name(weights_path: Path) -> str:
-    return f"{weights_path.stem}.{file_sha256(weights_path)[:16]}.onnx"
-
-
 def cached_onnx_path(weights_path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Where the export of ``weights_path`` is cached: ``<dir>/<stem>.<sha256[:16]>.onnx``.
+    """Where the export of ``weights_path`` is cached: ``<dir>/<stem>.<sha256[:16]>.v<N>.onnx``.
 
     ``<dir>`` is ``cache_dir`` if given, else the weights file's directory. The name changes
-    whenever the weights file's content does, so a stale export is never picked up.
+    whenever the weights file's content (or ``EXPORT_VERSION``) does, so a stale export is
+    never picked up.
     """
     weights_path = Path(weights_path)
     directory = Path(cache_dir) if cache_dir is not None else weights_path.parent
     return directory / _onnx_file_name(weights_path)
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
-    """A graph input's or output's shape: ints for fixed dimensions, names for dynamic ones."""
-    return [
-        d.dim_value if d.HasField("dim_value") else d.dim_param
-        for d in value.type.tensor_type.shape.dim
-    ]
+def _onnx_file_name(weights_path: Path) -> str:
+    return f"{weights_path.stem}.{file_sha256(weights_path)[:16]}.v{EXPORT_VERSION}.onnx"
 
 
-def _matches_model(path: Path, model: YOLOv1) -> bool:
-    """Whether ``path`` is a readable ONNX file with ``model``'s input and output signature."""
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except (OSError, DecodeError):  # missing, under a non-directory, or not an ONNX protobuf
-        return False
-    inputs = [(v.name, _dims(v)) for v in graph.input]
-    outputs = [(v.name, _dims(v)) for v in graph.output]
-    H, S = model.image_size, model.grid_size
-    K = model.num_classes + 5 * model.boxes_per_cell  # C + 5B
-    return (
-        [(name, dims[1:]) for name, dims in inputs] == [(INPUT_NAME, [3, H, H])]
-        and [(name, dims[1:]) for name, dims in outputs] == [(OUTPUT_NAME, [S, S, K])]
-        and isinstance(inputs[0][1][0], str)  # a named, i.e. dynamic, batch dimension
-    )
+def export_in_subprocess(weights_path: Path, out: Path) -> Path:
+    """Export ``weights_path`` to ``out`` in a child Python, so that PyTorch (and the exporter's
+    memory) never enter this process. Raises ``RuntimeError`` with the child's last words."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "model.export", str(weights_path), str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise RuntimeError(f"the ONNX export of {weights_path} failed: {last}")
+    logger.info("exported %s to %s in %.1f s", weights_path, out, time.perf_counter() - start)
+    return out
+
+
+def _writable(directory: Path) -> None:
+    """Raise ``OSError`` unless a file can be created in ``directory`` (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+        pass
 
 
 def ensure_onnx(
-    model: YOLOv1, weights_path: str | Path, cache_dir: str | Path | None = None
+    weights_path: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    replace: bool = False,
+    exporter: Exporter = export_in_subprocess,
 ) -> Path:
-    """Return the path of a valid ONNX export of ``model``, exporting only when none is cached.
+    """Return the path of an export of ``weights_path``, exporting only when none is cached.
 
-    ``model`` must hold the weights of ``weights_path``, whose content keys the cache. The export
-    goes to ``cache_dir`` if given, else beside the weights; if that directory cannot be written
-    (a read-only volume, say), to ``<system temp dir>/yolov1-onnx``. A valid export already in
-    any of these places is reused, so a read-only volume may ship one next to the weights.
+    The export goes to ``cache_dir`` if given, else beside the weights; if that directory
+    cannot be written (a read-only volume, say), to ``<system temp dir>/yolov1-onnx``. An
+    export already in either place is reused (so a read-only volume may ship one next to the
+    weights) unless ``replace`` is set, which writes a fresh one: the caller's answer to a
+    cached file it could not use.
     """
     weights_path = Path(weights_path)
     name = _onnx_file_name(weights_path)
     primary = Path(cache_dir) if cache_dir is not None else weights_path.parent
     candidates = [primary / name, Path(tempfile.gettempdir()) / "yolov1-onnx" / name]
-    for path in candidates:
-        if _matches_model(path, model):
-            logger.info("reusing the ONNX export %s", path)
-            return path
+    if not replace:
+        for path in candidates:
+            if path.is_file():
+                logger.info("reusing the ONNX export %s", path)
+                return path
     for path in candidates:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return export_onnx(model, path)
+            _writable(path.parent)
         except OSError as exc:  # read-only, permission denied, a file where a directory should be
             logger.warning("cannot write the ONNX export to %s (%s)", path, exc)
+            continue
+        return exporter(weights_path, path)
     raise OSError(f"no writable place for the ONNX export of {weights_path}: tried {candidates}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.export", description="Export a checkpoint for ONNX Runtime."
+    )
+    parser.add_argument("weights", type=Path, help="a .safetensors checkpoint")
+    parser.add_argument("out", type=Path, help="the .onnx file to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
+    from model.checkpoint import load_checkpoint
+    from model.metadata import CheckpointError
+
+    try:
+        model, _ = load_checkpoint(args.weights)
+        export_onnx(model, args.out)
+    except (CheckpointError, OSError) as exc:
+        sys.exit(f"model.export: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,28 @@ from torchvision.ops import batched_nms
 from model.boxes import decode_predictions
 
 
+def candidates(pred: torch.Tensor, B: int, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (box, class) pair of the raw grid, before any threshold: boxes and their scores.
+
+    Args:
+        pred: (N, S, S, C + 5B) raw network output.
+
+    Returns:
+        ``boxes`` (N, S*S*B, 4) xyxy normalised to [0, 1] and clipped, and ``scores``
+        (N, S*S*B, C): ``conf * class_score`` with both factors clamped at 0 (the outputs are
+        linear, and two negatives must not make a positive score). The ONNX export computes
+        these in its graph with this same function.
+    """
+    N, S = pred.shape[0], pred.shape[1]
+    M = S * S * B  # boxes per image
+    pred = pred.float()
+    boxes, conf = decode_predictions(pred, B, C)  # (N, S, S, B, 4), (N, S, S, B)
+    boxes = boxes.reshape(N, M, 4).clamp(0, 1)  # (N, S*S*B, 4)
+    class_scores = pred[..., :C].clamp(min=0).unsqueeze(3)  # (N, S, S, 1, C)
+    scores = (conf.clamp(min=0).unsqueeze(-1) * class_scores).reshape(N, M, C)  # (N, S*S*B, C)
+    return boxes, scores
+
+
 def postprocess(
     pred: torch.Tensor,
     B: int = 2,
@@ -18,10 +40,9 @@ def postprocess(
 ) -> list[dict[str, torch.Tensor]]:
     """Turn the raw grid into detections, one dict per image.
 
-    The score of a (box, class) pair is ``conf * class_score`` over all S*S*B boxes, so one box
-    may give several classes. Both factors are clamped at 0 first: the outputs are linear, and
-    two negatives must not make a positive score. Pairs at or under ``conf_threshold`` are
-    dropped, then NMS runs per image and class (``torchvision.ops.batched_nms``).
+    The score of a (box, class) pair is ``conf * class_score`` over all S*S*B boxes (see
+    ``candidates``), so one box may give several classes. Pairs at or under ``conf_threshold``
+    are dropped, then NMS runs per image and class (``torchvision.ops.batched_nms``).
 
     Args:
         pred: (N, S, S, C + 5B) raw network output.
@@ -36,14 +57,8 @@ def postprocess(
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     if max_detections < 1:
         raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-    N, S = pred.shape[0], pred.shape[1]
-    M = S * S * B  # boxes per image
-    pred = pred.float()
-    boxes, conf = decode_predictions(pred, B, C)  # (N, S, S, B, 4), (N, S, S, B)
-    boxes = boxes.reshape(N, M, 4).clamp(0, 1)  # (N, S*S*B, 4)
-    class_scores = pred[..., :C].clamp(min=0).unsqueeze(3)  # (N, S, S, 1, C)
-    scores = (conf.clamp(min=0).unsqueeze(-1) * class_scores).reshape(N, M, C)  # (N, S*S*B, C)
-
+    N = pred.shape[0]
+    boxes, scores = candidates(pred, B, C)  # (N, S*S*B, 4), (N, S*S*B, C)
     image_idx, box_idx, labels = (scores > conf_threshold).nonzero(as_tuple=True)
     kept_boxes = boxes[image_idx, box_idx]
     kept_scores = scores[image_idx, box_idx, labels]

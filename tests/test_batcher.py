@@ -44,9 +44,11 @@ class Worker:
         assert await asyncio.to_thread(self.entered.wait, 10)
 
 
-def make(worker: Worker, max_batch_size=4, max_wait_s=0.0, max_queue=8, stats=None) -> Batcher:
+def make(
+    worker: Worker, max_batch_size=4, max_wait_s=0.0, max_queue=8, stats=None, incoming=None
+) -> Batcher:
     on_batch = stats.append if stats is not None else None
-    batcher = Batcher(worker, max_batch_size, max_wait_s, max_queue, on_batch)
+    batcher = Batcher(worker, max_batch_size, max_wait_s, max_queue, on_batch, incoming)
     batcher.start()
     return batcher
 
@@ -95,6 +97,29 @@ async def test_the_window_collects_items_that_arrive_after_the_first():
     await batcher.stop()  # stopping closes the window and runs what is queued
     assert [d.value for d in await asyncio.gather(*a, *b)] == [2, 4, 6]
     assert worker.batches == [[1, 2, 3]]
+
+
+async def test_a_lone_item_runs_at_once_when_nothing_else_is_coming():
+    worker = Worker()
+    batcher = make(worker, max_batch_size=8, max_wait_s=60.0, incoming=lambda: 0)
+    [future] = batcher.submit([5])
+    assert (await future).value == 10  # long before the 60 s window (the timeout mark is 30)
+    assert worker.batches == [[5]]
+    await batcher.stop()
+
+
+async def test_the_window_waits_for_items_said_to_be_coming():
+    worker, coming = Worker(), [1]
+    batcher = make(worker, max_batch_size=8, max_wait_s=60.0, incoming=lambda: coming[0])
+    first = batcher.submit([1])
+    for _ in range(5):
+        await asyncio.sleep(0)  # the consumer gets turns: it must keep the window open
+    assert worker.batches == []
+    coming[0] = 0
+    second = batcher.submit([2])  # the announced item arrives; nothing more is coming
+    assert [d.value for d in await asyncio.gather(*first, *second)] == [2, 4]
+    assert worker.batches == [[1, 2]]
+    await batcher.stop()
 
 
 async def test_a_full_queue_refuses_all_or_nothing():

@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import model.export as export
-from model import build_model
-from model.export import cached_onnx_path, ensure_onnx, export_onnx
+from model import build_model, save_checkpoint
+from model.export import cached_onnx_path, ensure_onnx, export_in_subprocess, export_onnx
+from model.postprocess import candidates
 
 IMAGE_SIZE = 128  # yolov1-tiny at 128 px: S = 2, fast enough to export in every run
 
@@ -50,17 +50,21 @@ def weights(tmp_path):
     return path
 
 
+class FakeExporter:
+    """Stands in for the child-process exporter: copies the real export, records each path."""
+
+    def __init__(self, exported):
+        self.exported = exported
+        self.written = []
+
+    def __call__(self, weights, path):
+        self.written.append(path)
+        return shutil.copyfile(self.exported, path)
+
+
 @pytest.fixture
-def fake_exporter(exported, monkeypatch):
-    """Replace the exporter with a copy of the real export; record the paths it wrote."""
-    written = []
-
-    def copy_export(model, path, opset=None):
-        written.append(path)
-        return shutil.copyfile(exported, path)
-
-    monkeypatch.setattr(export, "export_onnx", copy_export)
-    return written
+def fake_exporter(exported):
+    return FakeExporter(exported)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -69,19 +73,33 @@ def test_onnx_matches_pytorch_for_any_batch_size(tiny, exported, batch):
     images = torch.rand(
         batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1)
     )
-    (grid,) = session.run(["grid"], {"images": images.numpy()})
+    grid, boxes, scores = session.run(["grid", "boxes", "scores"], {"images": images.numpy()})
     with torch.no_grad():
         expected = tiny(images)
+        expected_boxes, expected_scores = candidates(expected, 2, 20)
     scale = expected.abs().max().item()
     torch.testing.assert_close(torch.from_numpy(grid), expected, rtol=1e-4, atol=1e-4 * scale)
+    # The decoded boxes and scores are the same functions, traced: equal up to the grid's error.
+    torch.testing.assert_close(torch.from_numpy(boxes), expected_boxes, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(scores), expected_scores.transpose(1, 2), rtol=1e-4, atol=1e-4 * scale
+    )
 
 
-def test_export_has_named_io_and_a_dynamic_batch(tiny, exported):
+def test_export_has_named_io_and_a_dynamic_batch(exported):
     graph = onnx.load(str(exported)).graph
-    assert [v.name for v in graph.input] == ["images"]
-    assert [v.name for v in graph.output] == ["grid"]
-    assert export._matches_model(exported, tiny)
-    assert not export._matches_model(exported, build_model("yolov1-tiny", image_size=192))
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert [(v.name, dims(v)[1:]) for v in graph.input] == [("images", [3, 128, 128])]
+    S, M = 2, 2 * 2 * 2  # yolov1-tiny at 128 px: S = 2, B = 2
+    assert [(v.name, dims(v)[1:]) for v in graph.output] == [
+        ("grid", [S, S, 30]),
+        ("boxes", [M, 4]),
+        ("scores", [20, M]),
+    ]
+    assert all(isinstance(dims(v)[0], str) for v in [*graph.input, *graph.output])  # dynamic N
 
 
 def test_export_does_not_modify_the_model(tiny, exported):
@@ -105,53 +123,77 @@ def test_failed_export_leaves_no_file(tiny, tmp_path, monkeypatch):
 def test_cache_key_follows_the_weights_content(weights, tmp_path):
     first = cached_onnx_path(weights)
     assert first.parent == weights.parent
-    assert first.name.startswith("tiny.") and first.suffix == ".onnx"
+    assert first.name.startswith("tiny.") and first.name.endswith(".v2.onnx")
     assert cached_onnx_path(weights) == first
     assert cached_onnx_path(weights, tmp_path / "cache") == tmp_path / "cache" / first.name
     weights.write_bytes(b"version 2")
     assert cached_onnx_path(weights) != first
 
 
-def test_ensure_onnx_exports_once_then_reuses(tiny, weights, fake_exporter):
-    path = ensure_onnx(tiny, weights)
+def test_ensure_onnx_exports_once_then_reuses(weights, fake_exporter):
+    path = ensure_onnx(weights, exporter=fake_exporter)
     assert path == cached_onnx_path(weights)
     mtime = path.stat().st_mtime_ns
-    assert ensure_onnx(tiny, weights) == path
-    assert fake_exporter == [path]
+    assert ensure_onnx(weights, exporter=fake_exporter) == path
+    assert fake_exporter.written == [path]
     assert path.stat().st_mtime_ns == mtime
 
 
-def test_ensure_onnx_reexports_when_the_weights_change(tiny, weights, fake_exporter):
-    first = ensure_onnx(tiny, weights)
+def test_ensure_onnx_reexports_when_the_weights_change(weights, fake_exporter):
+    first = ensure_onnx(weights, exporter=fake_exporter)
     weights.write_bytes(b"version 2")
-    second = ensure_onnx(tiny, weights)
+    second = ensure_onnx(weights, exporter=fake_exporter)
     assert second != first
-    assert fake_exporter == [first, second]
+    assert fake_exporter.written == [first, second]
 
 
-def test_ensure_onnx_replaces_a_corrupt_or_foreign_cache_file(tiny, weights, fake_exporter):
+def test_ensure_onnx_replace_writes_a_fresh_export_over_the_cached_one(weights, fake_exporter):
     path = cached_onnx_path(weights)
     path.write_bytes(b"not an onnx file")
-    assert ensure_onnx(tiny, weights) == path
-    assert fake_exporter == [path]
-    other = build_model("yolov1-tiny", image_size=192)  # a different signature: S = 3
-    assert ensure_onnx(other, weights) == path
-    assert fake_exporter == [path, path]
+    assert ensure_onnx(weights, exporter=fake_exporter) == path  # found: the caller judges it
+    assert fake_exporter.written == []
+    assert ensure_onnx(weights, replace=True, exporter=fake_exporter) == path
+    assert fake_exporter.written == [path]
+    assert path.read_bytes() == fake_exporter.exported.read_bytes()
 
 
-def test_ensure_onnx_uses_the_given_cache_dir(tiny, weights, fake_exporter, tmp_path):
-    path = ensure_onnx(tiny, weights, tmp_path / "cache")
+def test_ensure_onnx_uses_the_given_cache_dir(weights, fake_exporter, tmp_path):
+    path = ensure_onnx(weights, tmp_path / "cache", exporter=fake_exporter)
     assert path == cached_onnx_path(weights, tmp_path / "cache")
 
 
 def test_ensure_onnx_falls_back_to_the_temp_dir_when_unwritable(
-    tiny, weights, fake_exporter, tmp_path, monkeypatch
+    weights, fake_exporter, tmp_path, monkeypatch
 ):
     # A file where the cache directory should be: unwritable even for root, unlike chmod 0o555.
     blocked = tmp_path / "blocked"
     blocked.write_bytes(b"")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-tmp"))
-    path = ensure_onnx(tiny, weights, blocked)
+    path = ensure_onnx(weights, blocked, exporter=fake_exporter)
     assert path == tmp_path / "system-tmp" / "yolov1-onnx" / cached_onnx_path(weights).name
-    assert ensure_onnx(tiny, weights, blocked) == path  # and it is found there next time
-    assert len(fake_exporter) == 1
+    assert ensure_onnx(weights, blocked, exporter=fake_exporter) == path  # found there next time
+    assert len(fake_exporter.written) == 1
+
+
+def test_the_child_process_exports_a_checkpoint(tiny, tmp_path):
+    weights = save_checkpoint(
+        tmp_path / "tiny.safetensors", tiny, {"class_names": list("abcdefghijklmnopqrst")}
+    )
+    out = export_in_subprocess(weights, tmp_path / "tiny.onnx")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(2))
+    (grid,) = session.run(["grid"], {"images": images.numpy()})
+    with torch.no_grad():
+        expected = tiny(images)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(torch.from_numpy(grid), expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_a_failing_child_export_names_the_problem(tmp_path):
+    weights = tmp_path / "broken.safetensors"
+    weights.write_bytes(b"not a checkpoint")
+    with pytest.raises(
+        RuntimeError, match="ONNX export of .*broken.safetensors failed: .*safetensors"
+    ):
+        export_in_subprocess(weights, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

@@ -95,7 +95,7 @@ def faulty(tmp_path: Path, weights: Path) -> dict[str, Path]:
             {"max_batch_size": "8", "max_queue": "4"},
             "max_queue (4) must be >= max_batch_size",
         ),
-        (None, {"device": "gpu please"}, "YOLOV1_DEVICE: Value error, not a torch device"),
+        (None, {"device": "gpu please"}, "YOLOV1_DEVICE: Value error, not 'auto', 'cpu'"),
     ],
     ids=["missing", "truncated", "pickle", "not-a-number", "queue-below-batch", "device"],
 )

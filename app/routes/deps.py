@@ -1,4 +1,9 @@
-"""Dependencies shared by the routes, as ``Annotated`` aliases."""
+"""Dependencies shared by the routes, as ``Annotated`` aliases.
+
+They are ``async def`` although none awaits: FastAPI runs a plain ``def`` dependency in its
+thread pool, and three thread hops per request were a measurable part of a lone request's
+latency (see benchmarks/serving.py).
+"""
 
 from __future__ import annotations
 
@@ -17,14 +22,14 @@ _api_key_header = APIKeyHeader(
 _bearer = HTTPBearer(auto_error=False, description="One of the keys in YOLOV1_API_KEYS.")
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def require_api_key(
+async def require_api_key(
     service: ServiceDep,
     api_key: Annotated[str | None, Security(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
@@ -44,7 +49,7 @@ def require_api_key(
         raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def detect_options(
+async def detect_options(
     service: ServiceDep,
     confidence: Annotated[
         float | None,

@@ -26,8 +26,8 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         image_size=meta["image_size"],
         class_names=detector.class_names,
         backend=detector.backend.name,
-        device=str(detector.backend.device),
-        dtype=str(detector.backend.dtype).removeprefix("torch."),
+        device=detector.backend.device,
+        dtype=detector.backend.dtype,
         conf_threshold=service.default_conf_threshold,
         iou_threshold=s.iou_threshold,
         batching=BatchingInfo(
