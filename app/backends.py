@@ -126,20 +126,26 @@ class TorchBackend:
     def detect(
         self, images: Sequence[Pixels], options: Sequence[DetectOptions]
     ) -> list[Detections]:
-        from model.postprocess import postprocess
-
         if not images:
             return []
-        grid = self._grid(self._stack(images))
-        S, B, C = grid.shape[1], self._B, self._C
-        found = []
-        for i, option in enumerate(options):
-            # Every detection: the class filter and the limit come after (app.inference.select).
-            (kept,) = postprocess(
-                grid[i : i + 1], B, C, option.conf_threshold, option.iou_threshold, S * S * B * C
-            )
-            found.append(_to_detections(kept["boxes"], kept["scores"], kept["labels"]))
-        return found
+        return detections_from_grid(self._grid(self._stack(images)), options, self._B, self._C)
+
+
+def detections_from_grid(
+    grid: torch.Tensor, options: Sequence[DetectOptions], B: int, C: int
+) -> list[Detections]:
+    """``model.postprocess`` (torchvision's NMS) on a raw (N, S, S, C+5B) grid, each image
+    with its own options; every detection is kept (``app.inference.select`` cuts after)."""
+    from model.postprocess import postprocess
+
+    S = grid.shape[1]
+    found = []
+    for i, option in enumerate(options):
+        (kept,) = postprocess(
+            grid[i : i + 1], B, C, option.conf_threshold, option.iou_threshold, S * S * B * C
+        )
+        found.append(_to_detections(kept["boxes"], kept["scores"], kept["labels"]))
+    return found
 
 
 def nms_model(opset: int = 17) -> bytes:

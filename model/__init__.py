@@ -7,6 +7,8 @@ service needs to serve through ONNX Runtime) does not pull in PyTorch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 # Public name -> the submodule that defines it.
@@ -62,3 +64,15 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the submodule model.postprocess sets the package's ``postprocess`` to that
+        # module; the public name is the function, which __getattr__ then loads.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -132,6 +132,7 @@ def test_save_requires_matching_class_names(tmp_path, tiny):
 
 def test_default_public_api_shape():
     import model
+    import model.postprocess  # the submodule must not shadow the function of the same name
 
     for name in ("build_model", "encode_targets", "YOLOv1Loss", "postprocess", "save_checkpoint",
                  "load_checkpoint"):  # fmt: skip

@@ -39,7 +39,9 @@ from PIL import Image, ImageFile
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.specs.openapi.media_types import unregister_all
 
+from app.backends import detections_from_grid
 from app.batcher import Batcher, BatcherStopped
+from app.inference import Detections, DetectOptions
 from benchmarks.serving import free_port, read_peak_rss, read_rss_parts, reset_peak_rss
 from benchmarks.soak import png_declaring
 from model import VOC_CLASSES, encode_targets
@@ -73,14 +75,18 @@ class BrightBoxBackend:
     ``fail_on`` holds the (1-based) calls that raise, as a broken GPU would.
     """
 
-    name, device, dtype = "fake", torch.device("cpu"), torch.float32
+    name, device, dtype = "fake", "cpu", "float32"
 
     def __init__(self, S: int = 2, B: int = 2, C: int = 20, fail_on: frozenset[int] = frozenset()):
         self.S, self.B, self.C = S, B, C
         self.fail_on = fail_on
         self.calls = 0
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) in [0, 1]
+    def detect(self, images: list[np.ndarray], options: list[DetectOptions]) -> list[Detections]:
+        grid = self.forward(torch.from_numpy(np.stack(images)))
+        return detections_from_grid(grid, options, self.B, self.C)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) in [0, 1]
         self.calls += 1
         if self.calls in self.fail_on:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")

@@ -11,6 +11,7 @@ import zlib
 from functools import cache
 
 import httpx
+import numpy as np
 import pytest
 import requests
 import schemathesis
@@ -18,6 +19,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.backends import detections_from_grid
+from app.inference import Detections, DetectOptions
 from model import VOC_CLASSES, encode_targets
 from model.checkpoint import file_sha256
 
@@ -50,9 +53,10 @@ def upload(data: bytes, name: str = "image", filename: str = "x.jpg") -> dict:
 class FakeBackend:
     """Stands in for the network: a known grid with a dog (score 1) and a person (score 0.5)."""
 
-    name, device, dtype = "fake", torch.device("cpu"), torch.float32
+    name, device, dtype = "fake", "cpu", "float32"
 
     def __init__(self, S: int = 2, B: int = 2, C: int = 20):
+        self.B, self.C = B, C
         boxes = torch.tensor([DOG_BOX, PERSON_BOX])
         target = encode_targets(boxes, torch.tensor([DOG, PERSON]), S, C)  # (S, S, C+5)
         grid = torch.zeros(S, S, C + 5 * B)  # (S, S, C+5B), the second box of each cell empty
@@ -63,12 +67,13 @@ class FakeBackend:
         self.inputs: list[torch.Tensor] = []
         self.fail_next = False
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(images)
+    def detect(self, images: list[np.ndarray], options: list[DetectOptions]) -> list[Detections]:
+        self.inputs.append(np.stack(images))
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return self.grid.expand(images.shape[0], *self.grid.shape).clone()  # (N, S, S, C+5B)
+        grid = self.grid.expand(len(images), *self.grid.shape)  # (N, S, S, C+5B)
+        return detections_from_grid(grid, options, self.B, self.C)
 
 
 def fake(app) -> FakeBackend:
@@ -467,6 +472,8 @@ async def test_draining_refuses_new_requests_and_finishes_admitted_ones(serve, g
             admitted = asyncio.create_task(client.post("/v1/detect", files=upload(jpeg())))
             await held.wait_held()
             draining = asyncio.create_task(service.drain(timeout_s=30))
+            await asyncio.sleep(0)  # the task starts: draining is on before the next request
+            assert service.draining
             ready = conforms(app, await client.get("/health/ready"))
             refused = conforms(app, await client.post("/v1/detect", files=upload(jpeg())))
             assert not draining.done()  # still waiting for the admitted request
