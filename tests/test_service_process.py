@@ -221,3 +221,45 @@ def test_uvicorn_app_import_reads_settings_lazily(weights, monkeypatch):
         assert app.main.app.state.settings.weights == weights
     finally:
         app.main._default_app.cache_clear()
+
+
+# Six threads allocate at once, then glibc's malloc_info counts the heaps (arenas) in use.
+COUNT_ARENAS = """
+import ctypes, re, sys, tempfile, threading
+from app.service import limit_malloc_arenas
+print(limit_malloc_arenas(2))
+libc = ctypes.CDLL(None)
+barrier, kept = threading.Barrier(6), []
+def allocate():
+    barrier.wait()
+    kept.append([bytes(bytearray(50_000)) for _ in range(50)])
+threads = [threading.Thread(target=allocate) for _ in range(6)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+    out = ctypes.c_void_p(libc.fopen(f.name.encode(), b"w"))
+    libc.malloc_info(0, out)
+    libc.fclose(out)
+    print(len(re.findall(r'<heap nr="[0-9]+">', open(f.name).read())))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+    reason="malloc arenas are glibc's",
+)
+@pytest.mark.parametrize("operator_value", [None, "8"])
+def test_the_service_caps_malloc_arenas_unless_the_operator_chose(operator_value):
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if operator_value is not None:
+        env["MALLOC_ARENA_MAX"] = operator_value
+    done = subprocess.run(
+        [sys.executable, "-c", COUNT_ARENAS], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    took_effect, heaps = done.stdout.split()
+    if operator_value is None:
+        assert (took_effect, int(heaps)) == ("True", 2)
+    else:  # the operator's 8 stands: the six threads get heaps of their own
+        assert took_effect == "False" and int(heaps) > 2
