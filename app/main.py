@@ -36,7 +36,7 @@ from app.openapi import DETECTION_UPLOADS, complete_schema
 from app.routes import detect, health, model
 from app.routes import metrics as metrics_route
 from app.service import ClientDisconnected, DeadlineExceeded, Service, StartupError, Unavailable
-from app.settings import Settings
+from app.settings import Settings, default_batch_size
 from model.metadata import CheckpointError, read_metadata
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing heavy happens until the lifespan starts."""
     settings = settings if settings is not None else Settings()
-    metrics = Metrics(settings.max_batch_size)
+    # Histogram buckets up to the largest batch this configuration can run, on any device.
+    metrics = Metrics(settings.max_batch_size or max(map(default_batch_size, ("cpu", "cuda"))))
     app = FastAPI(
         title="YOLOv1 detection service",
         version=_package_version(),
@@ -96,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     paths += [r.path for router in routers for r in router.routes if isinstance(r, Route)]
 
     single = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
-    batch = settings.max_batch_size * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    batch = settings.max_images_per_request * settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(OneLineStartupFailure, startup_error=lambda: app.state.startup_error)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -156,7 +157,7 @@ def _openapi(app: FastAPI, build: Callable[[], dict[str, Any]]) -> dict[str, Any
     if app.openapi_schema is None:  # build() caches its result there
         settings: Settings = app.state.settings
         complete_schema(
-            build(), settings.max_batch_size, bool(settings.api_keys), _class_names(app)
+            build(), settings.max_images_per_request, bool(settings.api_keys), _class_names(app)
         )
     return app.openapi_schema
 

@@ -16,7 +16,7 @@ DETECTION_UPLOADS = {  # route -> its multipart file field
 
 def complete_schema(
     schema: dict[str, Any],
-    max_batch_size: int,
+    max_images_per_request: int,
     auth: bool,
     class_names: Sequence[str] | None,
 ) -> dict[str, Any]:
@@ -26,12 +26,12 @@ def complete_schema(
       generators such as openapi-python-client then type the field as text, so the generated
       client's upload fails with 422.
     - Image parts declare the accepted image types; the batch upload's ``maxItems`` is
-      ``max_batch_size``; ``classes`` enumerates ``class_names`` when they are known.
+      ``max_images_per_request``; ``classes`` enumerates ``class_names`` when they are known.
     - Without ``auth``, no operation claims to need a key or to answer 401.
     """
     schemas = schema["components"]["schemas"]
     _mark_binary(schemas)
-    schemas["Body_detect_batch"]["properties"]["images"]["maxItems"] = max_batch_size
+    schemas["Body_detect_batch"]["properties"]["images"]["maxItems"] = max_images_per_request
     for path, field in DETECTION_UPLOADS.items():
         operation = schema["paths"][path]["post"]
         form = operation["requestBody"]["content"]["multipart/form-data"]

@@ -53,7 +53,8 @@ class BatchDetectionResult(BaseModel):
 
 
 class BatchingInfo(BaseModel):
-    max_batch_size: int
+    max_batch_size: int = Field(description="Images per inference batch, at most.")
+    max_images_per_request: int = Field(description="Images per /v1/detect/batch upload.")
     max_wait_ms: float
     max_queue: int
     request_timeout_s: float

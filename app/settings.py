@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto = CUDA when available, else CPU; or cpu, cuda, cuda:N
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     half: bool = False  # fp16 weights and inputs; CUDA only, ignored (with a warning) on CPU
-    max_batch_size: int = Field(16, ge=1, le=1024)
+    # Images per inference batch; None: 4 on the CPU, 16 on CUDA (see default_batch_size).
+    max_batch_size: int | None = Field(None, ge=1, le=1024)
+    max_images_per_request: int = Field(16, ge=1, le=1024)  # per /v1/detect/batch upload
     # Small, so a lone request is barely delayed; under load batches fill while the worker runs.
     max_wait_ms: float = Field(2.0, ge=0, le=10_000)
     max_queue: int = Field(64, ge=1)  # images admitted but not yet in a running batch
@@ -58,9 +60,24 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_queue(self) -> Settings:
-        if self.max_queue < self.max_batch_size:
-            # A full /v1/detect/batch upload must fit in an empty queue.
-            raise ValueError(
-                f"max_queue ({self.max_queue}) must be >= max_batch_size ({self.max_batch_size})"
-            )
+        # A full batch, and a full /v1/detect/batch upload, must fit in an empty queue.
+        for name in ("max_batch_size", "max_images_per_request"):
+            value = getattr(self, name)
+            if value is not None and self.max_queue < value:
+                raise ValueError(f"max_queue ({self.max_queue}) must be >= {name} ({value})")
         return self
+
+    def batch_size_for(self, device: str) -> int:
+        """``max_batch_size`` if set, else the default for ``device`` (see default_batch_size)."""
+        return self.max_batch_size or default_batch_size(device)
+
+
+def default_batch_size(device: str) -> int:
+    """Images per inference batch when YOLOV1_MAX_BATCH_SIZE is unset.
+
+    On the CPU (ONNX Runtime, 2 threads) larger batches cost more per image for the tiny
+    network, whose activations then outgrow the caches: 4 served 42.6-43.5 images/s at
+    concurrency 16 against 37.6 for 16 (two runs each, benchmarks/serving.py's photos), and
+    the full network is as fast at any size. A GPU needs batches to be busy.
+    """
+    return 16 if device.startswith("cuda") else 4

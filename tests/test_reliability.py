@@ -214,7 +214,8 @@ def live(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Li
     """One server for the fuzzing and the overload tests; it must still exit 0 at the end."""
     server = LiveServer(
         weights, tmp_path_factory.mktemp("live"),
-        max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE, api_keys=API_KEY,
+        max_batch_size=MAX_BATCH, max_images_per_request=MAX_BATCH, max_queue=MAX_QUEUE,
+        api_keys=API_KEY,
     )  # fmt: skip
     try:
         server.wait_ready()
@@ -547,7 +548,7 @@ async def test_a_burst_of_four_times_the_queue_gets_one_answer_each(live):
 @pytest.mark.timeout(60)
 async def test_a_failing_batch_fails_only_its_own_requests_among_concurrent_ones(serve, gate):
     data = encode(quadrant(120, 90), "JPEG")
-    async with serve(max_batch_size=2, max_queue=8) as (client, app):
+    async with serve(max_batch_size=2, max_images_per_request=8, max_queue=8) as (client, app):
         backend = bright_box(app, fail_on=frozenset({2}))  # the second batch raises
         with gate(app) as held:
             first = asyncio.create_task(client.post("/v1/detect", files=upload(data)))
@@ -602,7 +603,10 @@ async def test_sigterm_exits_zero_within_the_grace_period_even_inside_a_batch(we
     """Regression: a batch outliving the grace period kept the process alive until it ended,
     and its clients got uvicorn's plain-text 500 when the server cancelled them."""
     grace_s = 1.0
-    server = LiveServer(weights, tmp_path, max_batch_size=1, max_queue=4, drain_timeout_s=grace_s)
+    server = LiveServer(
+        weights, tmp_path, max_batch_size=1, max_images_per_request=4, max_queue=4,
+        drain_timeout_s=grace_s,
+    )  # fmt: skip
     try:
         server.wait_ready()
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:

@@ -190,8 +190,30 @@ async def test_render_returns_the_upright_image_with_boxes(serve):
     assert red > blue + 80
 
 
+async def test_a_batch_upload_larger_than_a_batch_spans_several(serve):
+    sizes = [(320, 200), (64, 480), (100, 100), (200, 64), (90, 90)]
+    files = [("images", (f"{i}.jpg", jpeg(w, h), "image/jpeg")) for i, (w, h) in enumerate(sizes)]
+    async with serve(max_batch_size=2, max_images_per_request=5, max_queue=8) as (client, app):
+        fake(app)
+        r = conforms(app, await client.post("/v1/detect/batch", files=files))
+        info = (await client.get("/v1/model")).json()
+        text = (await client.get("/metrics")).text
+    assert r.status_code == 200
+    assert [(x["image"]["width"], x["image"]["height"]) for x in r.json()["results"]] == sizes
+    assert (
+        metric(text, "yolov1_batch_size_sum") == 5 and metric(text, "yolov1_batch_size_count") == 3
+    )
+    assert info["batching"]["max_batch_size"] == 2
+
+
+async def test_the_batch_size_defaults_to_the_devices(serve):
+    async with serve() as (client, _):
+        batching = (await client.get("/v1/model")).json()["batching"]
+    assert (batching["max_batch_size"], batching["max_images_per_request"]) == (4, 16)
+
+
 async def test_model_health_and_metrics_describe_the_service(serve, weights):
-    async with serve(max_batch_size=4, max_queue=8) as (client, app):
+    async with serve(max_batch_size=4, max_images_per_request=6, max_queue=8) as (client, app):
         info = conforms(app, await client.get("/v1/model")).json()
         live = conforms(app, await client.get("/health/live"))
         ready = conforms(app, await client.get("/health/ready"))
@@ -202,7 +224,8 @@ async def test_model_health_and_metrics_describe_the_service(serve, weights):
     assert info["class_names"] == list(VOC_CLASSES)
     assert (info["backend"], info["device"], info["dtype"]) == ("torch", "cpu", "float32")
     assert info["batching"] == {
-        "max_batch_size": 4, "max_wait_ms": 2.0, "max_queue": 8, "request_timeout_s": 30.0
+        "max_batch_size": 4, "max_images_per_request": 6, "max_wait_ms": 2.0, "max_queue": 8,
+        "request_timeout_s": 30.0,
     }  # fmt: skip
     assert live.json() == ready.json() == {"status": "ok"}
     assert metric(text, "yolov1_requests_total", route="/v1/model", status="200") == 1
@@ -238,7 +261,10 @@ async def test_requests_queued_behind_a_busy_worker_run_as_one_batch(serve, gate
 
 async def test_a_burst_over_the_queue_limit_gets_one_answer_each(serve, gate):
     max_queue, burst = 4, 16
-    async with serve(max_batch_size=2, max_queue=max_queue) as (client, app):
+    async with serve(max_batch_size=2, max_images_per_request=2, max_queue=max_queue) as (
+        client,
+        app,
+    ):
         depths = []
         with gate(app) as held:
             submit = app.state.service.batcher.submit
@@ -328,7 +354,7 @@ def gif() -> bytes:
     ],
 )  # fmt: skip
 async def test_bad_requests_get_a_json_error(serve, path, kwargs, status, detail):
-    async with serve(max_upload_bytes=2048, max_batch_size=2, max_queue=4) as (client, app):
+    async with serve(max_upload_bytes=2048, max_images_per_request=2, max_queue=4) as (client, app):
         r = conforms(app, await client.post(path, **kwargs))
         assert (await client.get("/health/ready")).status_code == 200  # still serving
     assert r.status_code == status, r.text

@@ -30,7 +30,7 @@ DETECTION_ROUTES = ("/v1/detect", "/v1/detect/batch", "/v1/detect/render")
 
 @pytest.fixture(scope="module")
 def schema(weights: Path) -> dict:
-    return create_app(Settings(weights=weights, api_keys="key", max_batch_size=8)).openapi()
+    return create_app(Settings(weights=weights, api_keys="key", max_images_per_request=8)).openapi()
 
 
 def test_the_schema_is_valid_openapi(schema):

@@ -37,10 +37,13 @@ async def detect_batch(
     options: Options,
     images: Annotated[
         list[UploadFile],
-        File(min_length=1, description="Up to YOLOV1_MAX_BATCH_SIZE images (repeat the field)."),
+        File(
+            min_length=1,
+            description="Up to YOLOV1_MAX_IMAGES_PER_REQUEST images (repeat the field).",
+        ),
     ],
 ) -> BatchDetectionResult:
-    limit = service.settings.max_batch_size
+    limit = service.settings.max_images_per_request
     if len(images) > limit:
         raise HTTPException(422, f"{len(images)} images; at most {limit} per request")
     uploads = [await read_upload(image, service.settings.max_upload_bytes) for image in images]
