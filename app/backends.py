@@ -344,12 +344,14 @@ def create_backend(
     half: bool = False,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    sha256: str | None = None,
 ) -> Backend:
     """Build the backend called ``name`` for the checkpoint ``weights_path`` (``metadata``).
 
     ``half`` (fp16) needs the torch backend on CUDA. For onnxruntime the export is cached by the
     weights file's content (see ``model.export.ensure_onnx``); a cached file that ONNX Runtime
-    cannot use is exported again once. ``threads`` defaults to ``default_threads()``.
+    cannot use is exported again once. ``threads`` defaults to ``default_threads()``;
+    ``sha256`` is the weights' hex digest when the caller already computed it.
     """
     resolved = resolve_backend_name(name, device)
     if resolved == "torch":
@@ -362,12 +364,12 @@ def create_backend(
             raise ValueError(
                 f"half precision needs the torch backend on CUDA, got {name!r} on {device}"
             )
-        path = ensure_onnx(weights_path, cache_dir)
+        path = ensure_onnx(weights_path, cache_dir, sha256=sha256)
         try:
             backend = OnnxRuntimeBackend(path, metadata, device, threads)
         except Exception as exc:  # truncated, foreign, or an older layout: export it again
             logger.warning("cannot use the ONNX export %s (%s); exporting again", path, exc)
-            path = ensure_onnx(weights_path, cache_dir, replace=True)
+            path = ensure_onnx(weights_path, cache_dir, replace=True, sha256=sha256)
             backend = OnnxRuntimeBackend(path, metadata, device, threads)
     logger.info(
         "backend %s (asked for %r) on %s, %s", resolved, name, backend.device, backend.dtype

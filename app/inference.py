@@ -297,8 +297,9 @@ class Detector:
 
         weights = Path(weights)
         metadata = read_metadata(weights)
-        runner = create_backend(backend, weights, metadata, device, half=half)
-        return cls(runner, metadata, weights, file_sha256(weights)[:12])
+        digest = file_sha256(weights)  # the version, and the key of the ONNX export's cache
+        runner = create_backend(backend, weights, metadata, device, half=half, sha256=digest)
+        return cls(runner, metadata, weights, digest[:12])
 
     def __call__(self, jobs: list[Job]) -> list[Detections]:
         if not jobs:

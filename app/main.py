@@ -76,8 +76,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing heavy happens until the lifespan starts."""
     settings = settings if settings is not None else Settings()
-    # Histogram buckets up to the largest batch this configuration can run, on any device.
-    metrics = Metrics(settings.max_batch_size or max(map(default_batch_size, ("cpu", "cuda"))))
+    # Histogram buckets up to the largest batch this configuration can run (CUDA's default is
+    # the larger; the device is known only at startup).
+    metrics = Metrics(settings.max_batch_size or default_batch_size("cuda"))
     app = FastAPI(
         title="YOLOv1 detection service",
         version=_package_version(),

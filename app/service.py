@@ -87,7 +87,6 @@ class Service:
         self.detector: Detector | None = None
         self.batcher: Batcher[Job, Detections] | None = None
         self.draining = False
-        self.max_batch_size: int | None = None  # resolved for the device at start
         self._in_flight = 0
         self._decoding = 0  # images admitted and not yet queued: they hold queue slots too
         self._idle = asyncio.Event()
@@ -118,10 +117,9 @@ class Service:
             Image.MAX_IMAGE_PIXELS = s.max_image_pixels
         self.detector = detector
         self._decode_pool = ThreadPoolExecutor(s.decode_workers, thread_name_prefix="decode")
-        self.max_batch_size = s.batch_size_for(detector.backend.device)
         self.batcher = Batcher(
             detector,
-            self.max_batch_size,
+            s.batch_size_for(detector.backend.device),
             s.max_wait_ms / 1000,
             s.max_queue,
             self.metrics.observe_batch,

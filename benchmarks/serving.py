@@ -100,6 +100,29 @@ def random_checkpoint(arch: str, image_size: int, directory: Path) -> Path:
     return save_checkpoint(path, model, {"class_names": list(VOC_CLASSES)})
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """``--weights W`` or ``--arch A [--image-size N]`` (random weights): what is served."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--weights", type=Path, help=f"checkpoint (default: {DEFAULT_WEIGHTS})")
+    which.add_argument(
+        "--arch", choices=sorted(ARCHITECTURES), help=f"{verb} it with random weights instead"
+    )
+    parser.add_argument("--image-size", type=int, default=448, help="input size for --arch")
+
+
+def checkpoint_from_args(args: argparse.Namespace, directory: Path, prog: str) -> Path:
+    """The checkpoint ``add_checkpoint_arguments`` asked for; a random one goes to ``directory``.
+
+    Exits with a message naming ``prog`` when the --weights file (or the default) is missing.
+    """
+    if args.arch is not None:
+        return random_checkpoint(args.arch, args.image_size, directory)
+    weights = args.weights or DEFAULT_WEIGHTS
+    if not weights.is_file():
+        sys.exit(f"{prog}: no checkpoint at {weights}; pass --weights or --arch")
+    return weights
+
+
 def float32_bytes(model: torch.nn.Module) -> int:
     """Size of the model's floating-point weights and buffers if stored as float32."""
     return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
@@ -712,12 +735,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--weights", type=Path, help=f"checkpoint (default: {DEFAULT_WEIGHTS})")
-    which.add_argument(
-        "--arch", choices=sorted(ARCHITECTURES), help="benchmark it with random weights instead"
-    )
-    parser.add_argument("--image-size", type=int, default=448, help="input size for --arch")
+    add_checkpoint_arguments(parser, "benchmark")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
         "--images", type=Path, default=IMAGES_DIR, help="folder of real JPEGs to upload"
@@ -772,14 +790,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="yolov1-bench-") as tmp:
         workdir = Path(tmp)
-        if args.arch is not None:
-            weights = random_checkpoint(args.arch, args.image_size, workdir)
-        else:
-            weights = args.weights or DEFAULT_WEIGHTS
-            if not weights.is_file():
-                sys.exit(
-                    f"benchmarks.serving: no checkpoint at {weights}; pass --weights or --arch"
-                )
+        weights = checkpoint_from_args(args, workdir, "benchmarks.serving")
         model, metadata = load_checkpoint(weights)
         meta = {
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -45,21 +45,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from app.backends import resolve_device
-from app.settings import DEFAULT_WEIGHTS, Settings
+from app.settings import Settings
 from benchmarks.serving import (
     IMAGES_DIR,
     Server,
+    add_checkpoint_arguments,
     add_setting_argument,
+    checkpoint_from_args,
     describe_machine,
     free_port,
     latency_summary,
     load_jpegs,
-    random_checkpoint,
     read_peak_rss,
     read_rss_parts,
     write_results,
 )
-from model import ARCHITECTURES
 from model.checkpoint import file_sha256, read_metadata
 
 logger = logging.getLogger(__name__)
@@ -272,12 +272,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0,
         help=f"send at least this many, past --duration if need be ({len(MIX)} = one full mix)",
     )
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--weights", type=Path, help=f"checkpoint (default: {DEFAULT_WEIGHTS})")
-    which.add_argument(
-        "--arch", choices=sorted(ARCHITECTURES), help="serve it with random weights instead"
-    )
-    parser.add_argument("--image-size", type=int, default=448, help="input size for --arch")
+    add_checkpoint_arguments(parser, "serve")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--images", type=Path, default=IMAGES_DIR, help="folder of real JPEGs")
     parser.add_argument("--sample-every", type=float, default=5, help="seconds between RSS reads")
@@ -309,12 +304,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="yolov1-soak-") as tmp:
         workdir = Path(tmp)
-        if args.arch is not None:
-            weights = random_checkpoint(args.arch, args.image_size, workdir)
-        else:
-            weights = args.weights or DEFAULT_WEIGHTS
-            if not weights.is_file():
-                sys.exit(f"benchmarks.soak: no checkpoint at {weights}; pass --weights or --arch")
+        weights = checkpoint_from_args(args, workdir, "benchmarks.soak")
         metadata = read_metadata(weights)
         device = resolve_device(args.device)
         meta = {

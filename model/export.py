@@ -107,8 +107,9 @@ def cached_onnx_path(weights_path: str | Path, cache_dir: str | Path | None = No
     return directory / _onnx_file_name(weights_path)
 
 
-def _onnx_file_name(weights_path: Path) -> str:
-    return f"{weights_path.stem}.{file_sha256(weights_path)[:16]}.v{EXPORT_VERSION}.onnx"
+def _onnx_file_name(weights_path: Path, sha256: str | None = None) -> str:
+    digest = sha256 or file_sha256(weights_path)
+    return f"{weights_path.stem}.{digest[:16]}.v{EXPORT_VERSION}.onnx"
 
 
 def export_in_subprocess(weights_path: Path, out: Path) -> Path:
@@ -140,6 +141,7 @@ def ensure_onnx(
     *,
     replace: bool = False,
     exporter: Exporter = export_in_subprocess,
+    sha256: str | None = None,
 ) -> Path:
     """Return the path of an export of ``weights_path``, exporting only when none is cached.
 
@@ -147,10 +149,11 @@ def ensure_onnx(
     cannot be written (a read-only volume, say), to ``<system temp dir>/yolov1-onnx``. An
     export already in either place is reused (so a read-only volume may ship one next to the
     weights) unless ``replace`` is set, which writes a fresh one: the caller's answer to a
-    cached file it could not use.
+    cached file it could not use. ``sha256``, the weights' hex digest if the caller has it,
+    saves hashing the file again.
     """
     weights_path = Path(weights_path)
-    name = _onnx_file_name(weights_path)
+    name = _onnx_file_name(weights_path, sha256)
     primary = Path(cache_dir) if cache_dir is not None else weights_path.parent
     candidates = [primary / name, Path(tempfile.gettempdir()) / "yolov1-onnx" / name]
     if not replace:
