@@ -45,19 +45,25 @@ class Backend(Protocol):
     """Runs the network and NMS on a batch (see the module's docstring).
 
     ``device`` is where inputs are best placed ("cpu", "cuda:0", ...); ``dtype`` is the
-    precision the network computes in ("float32", "float16").
+    precision the network computes in ("float32", "float16"). ``lanes`` is how many batches
+    may usefully run at once; ``detect(..., concurrent=True)`` runs one of them, on that
+    lane's share of the threads.
     """
 
     name: str
     device: str
     dtype: str
+    lanes: int
 
     def forward(self, images: Pixels) -> np.ndarray:
         """(N, 3, H, W) -> the raw grid (N, S, S, C+5B) as float32 numpy."""
         ...
 
     def detect(
-        self, images: Sequence[Pixels], options: Sequence[DetectOptions]
+        self,
+        images: Sequence[Pixels],
+        options: Sequence[DetectOptions],
+        concurrent: bool = False,
     ) -> list[Detections]: ...
 
 
@@ -86,6 +92,7 @@ class TorchBackend:
     """
 
     name = "torch"
+    lanes = 1  # PyTorch's intra-op pool and CUDA's stream are shared: one batch at a time
 
     def __init__(self, model: YOLOv1, device: str, half: bool = False):
         import torch
@@ -124,7 +131,10 @@ class TorchBackend:
         return self._grid(self._torch.as_tensor(images)).numpy()
 
     def detect(
-        self, images: Sequence[Pixels], options: Sequence[DetectOptions]
+        self,
+        images: Sequence[Pixels],
+        options: Sequence[DetectOptions],
+        concurrent: bool = False,
     ) -> list[Detections]:
         if not images:
             return []
@@ -191,6 +201,25 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
+# A second session holds a second copy of the weights (measured: +100 MB for the 44 MB
+# yolov1-tiny export, +420 MB for the 343 MB yolov1 one), so lanes are on by default only for
+# exports up to this size.
+LANES_MAX_EXPORT_BYTES = 128 * 2**20
+
+
+def default_lanes(device: str, threads: int, export_bytes: int) -> int:
+    """Batches the ONNX Runtime backend runs at once by default: 2 or 1.
+
+    Two on the CPU when there are threads to split and the export is small. Measured with
+    benchmarks/serving.py's photos (yolov1-tiny, 2 cores, concurrency 16): two lanes of one
+    thread served 49-52 images/s against 42-46 for one batch at a time on two threads, whose
+    threads wait for each other at every layer while decoding and HTTP take the cores.
+    """
+    if device != "cpu" or threads < 2 or export_bytes > LANES_MAX_EXPORT_BYTES:
+        return 1
+    return 2
+
+
 def default_threads() -> int:
     """OMP_NUM_THREADS when set (as torch reads it), else the CPUs this process may use."""
     if (value := os.environ.get("OMP_NUM_THREADS", "").strip()).isdigit() and int(value) > 0:
@@ -212,6 +241,7 @@ class OnnxRuntimeBackend:
         metadata: dict[str, Any],
         device: str = "cpu",
         threads: int | None = None,
+        lanes: int | None = None,
     ):
         threads = default_threads() if threads is None else threads
         if threads < 1:
@@ -229,6 +259,21 @@ class OnnxRuntimeBackend:
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         self.device = device if on_cuda else "cpu"
         self._check_signature(onnx_path, metadata)
+        if lanes is None:
+            lanes = default_lanes(self.device, threads, os.path.getsize(onnx_path))
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        if lanes > 1 and on_cuda:
+            logger.warning("one lane on CUDA: concurrent batches would share one GPU stream")
+            lanes = 1
+        self.lanes = lanes
+        # The lanes share one session of threads / lanes threads (a session runs concurrent
+        # calls safely); a batch that runs alone gets the session of all the threads.
+        self.lane_session = self.session
+        if lanes > 1:
+            self.lane_session = ort.InferenceSession(
+                str(onnx_path), _session_options(max(1, threads // lanes)), providers=providers
+            )
         self._image_size = metadata["image_size"]
         S, B, C = metadata["grid_size"], metadata["boxes_per_cell"], metadata["num_classes"]
         self._grid_shape = (S, S, C + 5 * B)
@@ -239,8 +284,9 @@ class OnnxRuntimeBackend:
             nms_model(), _session_options(1), providers=["CPUExecutionProvider"]
         )
         logger.info(
-            "onnxruntime session on %s with %d threads", self.session.get_providers(), threads
-        )
+            "onnxruntime session on %s with %d threads, %d lane(s)",
+            self.session.get_providers(), threads, lanes,
+        )  # fmt: skip
 
     def _check_signature(self, onnx_path: str | Path, metadata: dict[str, Any]) -> None:
         S, B, C = metadata["grid_size"], metadata["boxes_per_cell"], metadata["num_classes"]
@@ -260,7 +306,9 @@ class OnnxRuntimeBackend:
                 f"{expected}, found {found} with batch dimensions {batch_dims}"
             )
 
-    def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run(
+        self, images: np.ndarray, concurrent: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         _check_images(images.shape, np.issubdtype(images.dtype, np.floating), self._image_size)
         if images.shape[0] == 0:
             M, C = self._boxes, self._classes
@@ -270,18 +318,23 @@ class OnnxRuntimeBackend:
                 np.empty((0, C, M), np.float32),
             )
         x = np.ascontiguousarray(images, dtype=np.float32)
-        grid, boxes, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        session = self.lane_session if concurrent else self.session
+        grid, boxes, scores = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return grid, boxes, scores
 
     def forward(self, images: Pixels) -> np.ndarray:
         return self._run(np.asarray(images))[0]
 
     def detect(
-        self, images: Sequence[Pixels], options: Sequence[DetectOptions]
+        self,
+        images: Sequence[Pixels],
+        options: Sequence[DetectOptions],
+        concurrent: bool = False,
     ) -> list[Detections]:
         if not images:
             return []
-        _, boxes, scores = self._run(np.stack([np.asarray(image) for image in images]))
+        batch = np.stack([np.asarray(image) for image in images])
+        _, boxes, scores = self._run(batch, concurrent)
         # One NMS run per distinct (conf, iou): usually the whole batch shares them.
         groups: dict[tuple[float, float], list[int]] = defaultdict(list)
         for i, option in enumerate(options):
@@ -345,20 +398,27 @@ def create_backend(
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     sha256: str | None = None,
+    lanes: int | None = None,
 ) -> Backend:
     """Build the backend called ``name`` for the checkpoint ``weights_path`` (``metadata``).
 
     ``half`` (fp16) needs the torch backend on CUDA. For onnxruntime the export is cached by the
     weights file's content (see ``model.export.ensure_onnx``); a cached file that ONNX Runtime
     cannot use is exported again once. ``threads`` defaults to ``default_threads()``;
-    ``sha256`` is the weights' hex digest when the caller already computed it.
+    ``sha256`` is the weights' hex digest when the caller already computed it; ``lanes``
+    (concurrent batches, ONNX Runtime only) defaults to ``default_lanes``.
     """
     resolved = resolve_backend_name(name, device)
+    for what, value in (("threads", threads), ("lanes", lanes)):
+        if value is not None and value < 1:  # before anything is exported
+            raise ValueError(f"{what} must be >= 1, got {value}")
     if resolved == "torch":
         from model.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(weights_path)  # on the CPU; the backend places it
         backend: Backend = TorchBackend(model, device, half)
+        if lanes is not None and lanes > 1:
+            logger.warning("the torch backend runs one batch at a time; lanes=%d ignored", lanes)
     else:
         if half:
             raise ValueError(
@@ -366,11 +426,11 @@ def create_backend(
             )
         path = ensure_onnx(weights_path, cache_dir, sha256=sha256)
         try:
-            backend = OnnxRuntimeBackend(path, metadata, device, threads)
+            backend = OnnxRuntimeBackend(path, metadata, device, threads, lanes)
         except Exception as exc:  # truncated, foreign, or an older layout: export it again
             logger.warning("cannot use the ONNX export %s (%s); exporting again", path, exc)
             path = ensure_onnx(weights_path, cache_dir, replace=True, sha256=sha256)
-            backend = OnnxRuntimeBackend(path, metadata, device, threads)
+            backend = OnnxRuntimeBackend(path, metadata, device, threads, lanes)
     logger.info(
         "backend %s (asked for %r) on %s, %s", resolved, name, backend.device, backend.dtype
     )

@@ -63,15 +63,21 @@ class _Pending(Generic[T, R]):
 
 
 class Batcher(Generic[T, R]):
-    """Queue items, run them ``max_batch_size`` at a time with ``run_batch`` in one thread.
+    """Queue items, run them ``max_batch_size`` at a time in worker threads.
 
-    ``run_batch(items) -> results`` (same length, same order) runs in a dedicated worker
-    thread, so the event loop stays free. When the worker is idle the batch window stays open
-    ``max_wait_s`` after the first arrival, but only while ``incoming()`` says more items are
-    on their way (the caller's count of items about to be submitted, such as uploads still
-    being decoded): a lone item runs at once. When the worker was busy, whatever queued
-    meanwhile runs at once. ``run_batch`` is a plain attribute, so tests can wrap it to hold
-    the worker.
+    ``run_batch(items) -> results`` (same length, same order) runs in a worker thread, so the
+    event loop stays free. When no batch runs the batch window stays open ``max_wait_s`` after
+    the first arrival, but only while ``incoming()`` says more items are on their way (the
+    caller's count of items about to be submitted, such as uploads still being decoded): a
+    lone item runs at once. When the worker was busy, whatever queued meanwhile runs at once.
+
+    With ``lanes`` > 1, up to that many batches run at once, each with ``run_lane`` (the
+    backend's share of the CPU for one lane), as long as there is more work than one batch: a
+    batch that would run alone (nothing else running, queued or on its way) still gets
+    ``run_batch`` and the machine to itself, and no other batch starts until it ends. A
+    lone request keeps the latency of one batch on every core; under load the lanes overlap
+    one batch's inference with the next one's, instead of one batch's threads waiting on
+    each other. ``run_batch`` and ``run_lane`` are plain attributes, so tests can wrap them.
     """
 
     def __init__(
@@ -82,7 +88,11 @@ class Batcher(Generic[T, R]):
         max_queue: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         incoming: Callable[[], int] | None = None,
+        lanes: int = 1,
+        run_lane: Callable[[list[T]], Sequence[R]] | None = None,
     ):
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_s < 0:
@@ -92,6 +102,8 @@ class Batcher(Generic[T, R]):
                 f"max_queue ({max_queue}) must be >= max_batch_size ({max_batch_size})"
             )
         self.run_batch = run_batch
+        self.run_lane = run_lane if run_lane is not None else run_batch
+        self.lanes = lanes
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -102,8 +114,10 @@ class Batcher(Generic[T, R]):
         self._arrived = asyncio.Event()
         self._closed = False
         self._consumer: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._running: Future | None = None  # the batch in the worker thread, if any
+        self._executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="inference")
+        self._running: set[Future] = set()  # batches handed to the worker threads
+        self._lane_tasks: set[asyncio.Task[None]] = set()
+        self._lane_freed = asyncio.Event()
 
     @property
     def queue_depth(self) -> int:
@@ -116,8 +130,8 @@ class Batcher(Generic[T, R]):
 
     @property
     def busy(self) -> bool:
-        """A batch runs in the worker thread (also one that ``stop`` gave up waiting for)."""
-        return self._running is not None and not self._running.done()
+        """A batch runs in a worker thread (also one that ``stop`` gave up waiting for)."""
+        return any(not future.done() for future in list(self._running))
 
     def has_room(self, n: int) -> bool:
         return len(self._queue) + n <= self.max_queue
@@ -178,14 +192,38 @@ class Batcher(Generic[T, R]):
     async def _consume(self) -> None:
         try:
             while batch := await self._next_batch():
-                await self._run(batch)
+                if self._alone():
+                    await self._run(batch, self.run_batch)
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run(batch, self.run_lane))
+                self._lane_tasks.add(task)
+                task.add_done_callback(self._lane_done)
+                while len(self._lane_tasks) >= self.lanes:
+                    self._lane_freed.clear()
+                    await self._lane_freed.wait()
+            await asyncio.gather(*self._lane_tasks)
         finally:
+            # Cancelled (stop gave up waiting): the lanes fail their batches, as _run does.
+            for task in list(self._lane_tasks):
+                task.cancel()
+            await asyncio.gather(*self._lane_tasks, return_exceptions=True)
             # Items are left only if stop() gave up waiting or the loop broke: answer them.
             while self._queue:
                 _fail(
                     self._queue.popleft().future,
                     BatcherStopped("the service stopped before this request ran"),
                 )
+
+    def _alone(self) -> bool:
+        """Would the batch just taken run alone: no lane running, nothing queued or coming?"""
+        if self.lanes == 1:
+            return True
+        coming = self.incoming() if self.incoming is not None else 0
+        return not self._lane_tasks and not self._queue and coming <= 0
+
+    def _lane_done(self, task: asyncio.Task[None]) -> None:
+        self._lane_tasks.discard(task)
+        self._lane_freed.set()
 
     async def _next_batch(self) -> list[_Pending[T, R]]:
         """Wait for work, keep the window open, then take up to ``max_batch_size`` live items.
@@ -219,13 +257,17 @@ class Batcher(Generic[T, R]):
             if batch:
                 return batch
 
-    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+    async def _run(
+        self, batch: list[_Pending[T, R]], run: Callable[[list[T]], Sequence[R]]
+    ) -> None:
         started = time.monotonic()
         queue_s = tuple(started - p.enqueued for p in batch)
         failed = False
         try:
-            self._running = self._executor.submit(self.run_batch, [p.item for p in batch])
-            results = await asyncio.wrap_future(self._running)
+            running = self._executor.submit(run, [p.item for p in batch])
+            self._running.add(running)  # until the thread is done, also after a cancel
+            running.add_done_callback(self._running.discard)
+            results = await asyncio.wrap_future(running)
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)}")
         except asyncio.CancelledError:

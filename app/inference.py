@@ -287,6 +287,7 @@ class Detector:
         device: str,
         backend: str = "auto",
         half: bool = False,
+        lanes: int | None = None,
     ) -> Detector:
         """Read ``weights`` and build the backend; raises ``CheckpointError`` or ``ValueError``.
 
@@ -298,19 +299,24 @@ class Detector:
         weights = Path(weights)
         metadata = read_metadata(weights)
         digest = file_sha256(weights)  # the version, and the key of the ONNX export's cache
-        runner = create_backend(backend, weights, metadata, device, half=half, sha256=digest)
+        runner = create_backend(
+            backend, weights, metadata, device, half=half, sha256=digest, lanes=lanes
+        )
         return cls(runner, metadata, weights, digest[:12])
 
-    def __call__(self, jobs: list[Job]) -> list[Detections]:
+    def __call__(self, jobs: list[Job], concurrent: bool = False) -> list[Detections]:
+        """``concurrent``: one of several batches running at once (see ``Backend.lanes``)."""
         if not jobs:
             return []
-        found = self.backend.detect([job.image for job in jobs], [job.options for job in jobs])
+        images, options = [job.image for job in jobs], [job.options for job in jobs]
+        found = self.backend.detect(images, options, concurrent=concurrent)
         return [select(f, job.options) for f, job in zip(found, jobs, strict=True)]
 
     def warm_up(self) -> None:
         """Run one batch of one blank image, so the first request pays no first-call costs."""
         blank = np.zeros((3, self.image_size, self.image_size), dtype=np.float32)
-        self([Job(blank, DetectOptions(0.5, 0.5, 1))])
+        for concurrent in (False, True) if self.backend.lanes > 1 else (False,):
+            self([Job(blank, DetectOptions(0.5, 0.5, 1))], concurrent=concurrent)
 
 
 def to_pixels(boxes_xyxy: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -54,6 +54,7 @@ class BatchDetectionResult(BaseModel):
 
 class BatchingInfo(BaseModel):
     max_batch_size: int = Field(description="Images per inference batch, at most.")
+    lanes: int = Field(description="Batches that may run at once.")
     max_images_per_request: int = Field(description="Images per /v1/detect/batch upload.")
     max_wait_ms: float
     max_queue: int

@@ -104,7 +104,9 @@ class Service:
             half = s.half and device.startswith("cuda")
             if s.half and not half:
                 logger.warning("YOLOV1_HALF is ignored on %s: fp16 needs CUDA", device)
-            detector = await asyncio.to_thread(Detector.load, s.weights, device, s.backend, half)
+            detector = await asyncio.to_thread(
+                Detector.load, s.weights, device, s.backend, half, s.inference_lanes
+            )
             await asyncio.to_thread(detector.warm_up)
         except Exception as exc:
             logger.debug("startup failed", exc_info=True)
@@ -124,13 +126,16 @@ class Service:
             s.max_queue,
             self.metrics.observe_batch,
             incoming=lambda: self._decoding,
+            lanes=detector.backend.lanes,
+            run_lane=partial(detector, concurrent=True),
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
         self.batcher.start()
         logger.info(
-            "ready: %s (version %s) on %s via %s, %s; API keys %s",
+            "ready: %s (version %s) on %s via %s, %s, %d lane(s); API keys %s",
             s.weights.name, detector.version, detector.backend.device, detector.backend.name,
-            detector.backend.dtype, f"on ({len(s.api_keys)})" if s.api_keys else "off",
+            detector.backend.dtype, detector.backend.lanes,
+            f"on ({len(s.api_keys)})" if s.api_keys else "off",
         )  # fmt: skip
 
     @property

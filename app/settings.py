@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     half: bool = False  # fp16 weights and inputs; CUDA only, ignored (with a warning) on CPU
     # Images per inference batch; None: 4 on the CPU, 16 on CUDA (see default_batch_size).
     max_batch_size: int | None = Field(None, ge=1, le=1024)
+    # Batches that may run at once (ONNX Runtime); None: 2 on the CPU for exports up to
+    # 128 MiB, else 1 (see app.backends.default_lanes).
+    inference_lanes: int | None = Field(None, ge=1, le=64)
     max_images_per_request: int = Field(16, ge=1, le=1024)  # per /v1/detect/batch upload
     # Small, so a lone request is barely delayed; under load batches fill while the worker runs.
     max_wait_ms: float = Field(2.0, ge=0, le=10_000)

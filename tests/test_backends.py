@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ import torch
 from torchvision.ops import batched_nms
 
 from app.backends import (
+    LANES_MAX_EXPORT_BYTES,
     Backend,
     OnnxRuntimeBackend,
     TorchBackend,
     create_backend,
+    default_lanes,
     default_threads,
     nms_model,
     resolve_backend_name,
@@ -264,6 +267,58 @@ def test_threads_default_and_must_be_positive(onnx_file, metadata, monkeypatch):
     assert default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads() == len(os.sched_getaffinity(0))
+
+
+def _threads(session: ort.InferenceSession) -> int:
+    return session.get_session_options().intra_op_num_threads
+
+
+def test_lanes_share_a_session_of_their_share_of_the_threads(onnx_file, metadata):
+    backend = OnnxRuntimeBackend(onnx_file, metadata, "cpu", threads=2, lanes=2)
+    assert backend.lanes == 2
+    assert (_threads(backend.session), _threads(backend.lane_session)) == (2, 1)
+    one_lane = OnnxRuntimeBackend(onnx_file, metadata, "cpu", threads=2, lanes=1)
+    assert one_lane.lanes == 1 and one_lane.lane_session is one_lane.session
+
+
+def test_batches_on_concurrent_lanes_get_the_answers_of_a_batch_alone(onnx_file, metadata):
+    backend = OnnxRuntimeBackend(onnx_file, metadata, "cpu", threads=2, lanes=2)
+    batches = [list(images(3, seed=seed).numpy()) for seed in range(4)]
+    options = [OPTIONS[1]] * 3
+    alone = [backend.detect(batch, options) for batch in batches]
+    with ThreadPoolExecutor(2) as pool:  # two lanes at once on the shared lane session
+        shared = list(pool.map(lambda b: backend.detect(b, options, concurrent=True), batches))
+    assert sum(len(d.scores) for batch in alone for d in batch) > 4
+    for a_batch, s_batch in zip(alone, shared, strict=True):
+        for a, s in zip(a_batch, s_batch, strict=True):
+            np.testing.assert_array_equal(s.labels, a.labels)  # 1 thread vs 2: same maths
+            np.testing.assert_allclose(s.scores, a.scores, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(s.boxes, a.boxes, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("device", "threads", "export_bytes", "expected"),
+    [
+        ("cpu", 2, 44 * 2**20, 2),  # yolov1-tiny's export on this machine's 2 cores
+        ("cpu", 16, 44 * 2**20, 2),
+        ("cpu", 1, 44 * 2**20, 1),  # nothing to split
+        ("cpu", 2, LANES_MAX_EXPORT_BYTES + 1, 1),  # yolov1 (343 MB): a second copy is too dear
+        ("cuda:0", 8, 44 * 2**20, 1),
+    ],
+)
+def test_default_lanes(device, threads, export_bytes, expected):
+    assert default_lanes(device, threads, export_bytes) == expected
+
+
+def test_default_lanes_of_a_small_export_on_two_threads(onnx_file, metadata):
+    assert OnnxRuntimeBackend(onnx_file, metadata, "cpu", threads=2).lanes == 2
+    assert OnnxRuntimeBackend(onnx_file, metadata, "cpu", threads=1).lanes == 1
+
+
+def test_bad_lanes_are_refused_before_any_export(weights, metadata, tmp_path):
+    with pytest.raises(ValueError, match="lanes must be >= 1, got 0"):
+        create_backend("onnxruntime", weights, metadata, "cpu", cache_dir=tmp_path, lanes=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import random
 import threading
+from functools import partial
 
 import pytest
 
@@ -227,3 +228,111 @@ def test_bad_arguments_are_refused():
         Batcher(Worker(), 0, 0.0, 4)
     with pytest.raises(ValueError, match="max_queue"):
         Batcher(Worker(), 8, 0.0, 4)
+
+
+# ---- lanes: several batches at once ----------------------------------------------------------
+
+
+class LaneWorker:
+    """Doubles its items in ``run(kind, items)``, recording each call and how many overlap;
+    every call waits inside until ``released`` is set."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[int]]] = []
+        self.inside = 0
+        self.most_inside = 0
+        self.released = threading.Event()
+        self._changed = threading.Condition()
+
+    def run(self, kind: str, items: list[int]) -> list[int]:
+        with self._changed:
+            self.calls.append((kind, list(items)))
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self._changed.notify_all()
+        assert self.released.wait(timeout=20)
+        with self._changed:
+            self.inside -= 1
+        return [2 * x for x in items]
+
+    async def wait_inside(self, n: int) -> None:
+        def wait() -> bool:
+            with self._changed:
+                return self._changed.wait_for(lambda: self.inside >= n, timeout=10)
+
+        assert await asyncio.to_thread(wait)
+
+
+def make_lanes(worker: LaneWorker, lanes=2, max_batch_size=2, incoming=None) -> Batcher:
+    batcher = Batcher(
+        partial(worker.run, "alone"), max_batch_size, 0.0, 16, incoming=incoming,
+        lanes=lanes, run_lane=partial(worker.run, "lane"),
+    )  # fmt: skip
+    batcher.start()
+    return batcher
+
+
+async def test_queued_work_runs_on_as_many_lanes_as_there_are_and_no_more():
+    worker = LaneWorker()
+    batcher = make_lanes(worker, lanes=2, max_batch_size=2)
+    futures = batcher.submit([1, 2, 3, 4, 5, 6])  # three batches' worth
+    await worker.wait_inside(2)
+    for _ in range(5):
+        await asyncio.sleep(0)  # the consumer gets turns: the third batch must wait for a lane
+    assert worker.inside == 2 and batcher.queue_depth == 2 and batcher.busy
+    worker.released.set()
+    assert [d.value for d in await asyncio.gather(*futures)] == [2, 4, 6, 8, 10, 12]
+    assert worker.most_inside == 2
+    assert worker.calls[:2] == [("lane", [1, 2]), ("lane", [3, 4])]
+    assert worker.calls[2][1] == [5, 6]  # alone or in a lane, by when the others finished
+    await batcher.stop()
+    assert not batcher.busy
+
+
+async def test_a_batch_with_nothing_else_to_do_runs_alone_and_holds_off_the_next():
+    worker = LaneWorker()
+    batcher = make_lanes(worker, lanes=2, incoming=lambda: 0)
+    first = batcher.submit([1])
+    await worker.wait_inside(1)
+    second = batcher.submit([2])  # arrives while the first runs alone: it waits its turn
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert worker.inside == 1 and batcher.queue_depth == 1
+    worker.released.set()
+    assert [d.value for d in await asyncio.gather(*first, *second)] == [2, 4]
+    assert worker.calls == [("alone", [1]), ("alone", [2])]
+    assert worker.most_inside == 1
+    await batcher.stop()
+
+
+async def test_items_on_their_way_send_a_batch_to_a_lane():
+    worker = LaneWorker()
+    coming = [1]
+    batcher = make_lanes(worker, lanes=2, max_batch_size=1, incoming=lambda: coming[0])
+    first = batcher.submit([1])  # a full batch (max 1) while another item is announced
+    await worker.wait_inside(1)
+    coming[0] = 0
+    second = batcher.submit([2])
+    await worker.wait_inside(2)  # the second did not wait for the first
+    worker.released.set()
+    assert [d.value for d in await asyncio.gather(*first, *second)] == [2, 4]
+    assert worker.calls == [("lane", [1]), ("lane", [2])]
+    await batcher.stop()
+
+
+async def test_stop_that_gives_up_fails_every_running_lane():
+    worker = LaneWorker()
+    batcher = make_lanes(worker, lanes=2, max_batch_size=1)
+    futures = batcher.submit([1, 2, 3])
+    await worker.wait_inside(2)
+    await batcher.stop(timeout_s=0.05)
+    for future in futures:
+        with pytest.raises(BatcherStopped):
+            await future
+    assert batcher.busy  # both threads still run their abandoned batches
+    worker.released.set()
+
+
+def test_lanes_must_be_positive():
+    with pytest.raises(ValueError, match="lanes"):
+        Batcher(Worker(), 4, 0.0, 8, lanes=0)

@@ -142,9 +142,9 @@ class OnDevice:
 
     def __init__(self, backend, device: str):
         self.backend, self.device = backend, device
-        self.name, self.dtype = backend.name, backend.dtype
+        self.name, self.dtype, self.lanes = backend.name, backend.dtype, backend.lanes
 
-    def detect(self, images, options):
+    def detect(self, images, options, concurrent=False):
         return self.backend.detect(images, options)
 
 

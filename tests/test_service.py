@@ -53,7 +53,7 @@ def upload(data: bytes, name: str = "image", filename: str = "x.jpg") -> dict:
 class FakeBackend:
     """Stands in for the network: a known grid with a dog (score 1) and a person (score 0.5)."""
 
-    name, device, dtype = "fake", "cpu", "float32"
+    name, device, dtype, lanes = "fake", "cpu", "float32", 1
 
     def __init__(self, S: int = 2, B: int = 2, C: int = 20):
         self.B, self.C = B, C
@@ -67,7 +67,9 @@ class FakeBackend:
         self.inputs: list[torch.Tensor] = []
         self.fail_next = False
 
-    def detect(self, images: list[np.ndarray], options: list[DetectOptions]) -> list[Detections]:
+    def detect(
+        self, images: list[np.ndarray], options: list[DetectOptions], concurrent: bool = False
+    ) -> list[Detections]:
         self.inputs.append(np.stack(images))
         if self.fail_next:
             self.fail_next = False
@@ -224,8 +226,8 @@ async def test_model_health_and_metrics_describe_the_service(serve, weights):
     assert info["class_names"] == list(VOC_CLASSES)
     assert (info["backend"], info["device"], info["dtype"]) == ("torch", "cpu", "float32")
     assert info["batching"] == {
-        "max_batch_size": 4, "max_images_per_request": 6, "max_wait_ms": 2.0, "max_queue": 8,
-        "request_timeout_s": 30.0,
+        "max_batch_size": 4, "lanes": 1, "max_images_per_request": 6, "max_wait_ms": 2.0,
+        "max_queue": 8, "request_timeout_s": 30.0,
     }  # fmt: skip
     assert live.json() == ready.json() == {"status": "ok"}
     assert metric(text, "yolov1_requests_total", route="/v1/model", status="200") == 1
@@ -257,6 +259,50 @@ async def test_requests_queued_behind_a_busy_worker_run_as_one_batch(serve, gate
     assert metric(text, "yolov1_batch_size_sum") == 1 + n
     assert metric(text, "yolov1_batch_size_bucket", le="4.0") == 1  # the lone first request
     assert metric(text, "yolov1_queue_wait_seconds_count") == n + 1
+
+
+def noise_jpeg(seed: int, size: int = 160) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG")
+    return out.getvalue()
+
+
+def assert_same_detections(got: list[dict], expected: list[dict]) -> None:
+    assert [d["label"] for d in got] == [d["label"] for d in expected]
+    for g, e in zip(got, expected, strict=True):
+        assert g["confidence"] == pytest.approx(e["confidence"], rel=1e-4, abs=1e-5)
+        corners = ("x1", "y1", "x2", "y2")
+        assert [g["box"][k] for k in corners] == pytest.approx(
+            [e["box"][k] for k in corners], rel=1e-4, abs=1e-3
+        )
+
+
+async def test_two_lanes_answer_concurrent_requests_as_one_at_a_time(serve):
+    """ONNX Runtime with two lanes: a burst runs as concurrent batches on the lane session."""
+    uploads = [noise_jpeg(seed) for seed in range(12)]
+    params = {"confidence": 0.0, "max_detections": 20}
+    async with serve(backend="onnxruntime", inference_lanes=2, max_batch_size=2) as (client, app):
+        info = (await client.get("/v1/model")).json()
+        batcher, lane_batches = app.state.service.batcher, []
+        run_lane = batcher.run_lane
+        batcher.run_lane = lambda jobs: lane_batches.append(len(jobs)) or run_lane(jobs)
+        one_by_one = [
+            (await client.post("/v1/detect", params=params, files=upload(u))).json()
+            for u in uploads
+        ]
+        burst = await asyncio.gather(
+            *(client.post("/v1/detect", params=params, files=upload(u)) for u in uploads)
+        )
+        text = (await client.get("/metrics")).text
+    assert (info["backend"], info["batching"]["lanes"]) == ("onnxruntime", 2)
+    assert [r.status_code for r in burst] == [200] * len(uploads)
+    assert sum(len(r["detections"]) for r in one_by_one) > len(uploads)  # something to compare
+    for response, alone in zip(burst, one_by_one, strict=True):
+        assert_same_detections(response.json()["detections"], alone["detections"])
+    # Twelve at once, two per batch: the first batch cannot be alone, so lanes ran.
+    assert lane_batches and max(lane_batches) <= 2
+    assert metric(text, "yolov1_batch_size_count") < 2 * len(uploads)
 
 
 async def test_a_burst_over_the_queue_limit_gets_one_answer_each(serve, gate):

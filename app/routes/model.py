@@ -32,6 +32,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         iou_threshold=s.iou_threshold,
         batching=BatchingInfo(
             max_batch_size=service.batcher.max_batch_size,
+            lanes=service.batcher.lanes,
             max_images_per_request=s.max_images_per_request,
             max_wait_ms=s.max_wait_ms,
             max_queue=s.max_queue,
