@@ -211,9 +211,9 @@ def default_lanes(device: str, threads: int, export_bytes: int) -> int:
     """Batches the ONNX Runtime backend runs at once by default: 2 or 1.
 
     Two on the CPU when there are threads to split and the export is small. Measured with
-    benchmarks/serving.py's photos (yolov1-tiny, 2 cores, concurrency 16): two lanes of one
-    thread served 49-52 images/s against 42-46 for one batch at a time on two threads, whose
-    threads wait for each other at every layer while decoding and HTTP take the cores.
+    benchmarks/serving.py (yolov1-tiny, 2 cores, concurrency 16): two lanes of one thread
+    served 47.1 images/s against 41.7 for one batch at a time on two threads, whose threads
+    wait for each other after every layer while decoding and HTTP take the cores.
     """
     if device != "cpu" or threads < 2 or export_bytes > LANES_MAX_EXPORT_BYTES:
         return 1

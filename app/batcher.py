@@ -1,4 +1,4 @@
-"""Dynamic batching: one consumer task groups queued items and runs them in a worker thread.
+"""Dynamic batching: one consumer task groups queued items and runs them in worker threads.
 
 Modelled on Ray Serve's batcher: one future per item, the batch window timed from the first
 arrival, cancelled items dropped before their batch runs, every future resolved exactly once
@@ -168,7 +168,7 @@ class Batcher(Generic[T, R]):
         """Take no more items, run those already queued, then end the consumer.
 
         After ``timeout_s`` (``None``: no limit) the items still waiting or running are failed
-        with ``BatcherStopped`` instead; a batch already in the worker thread cannot be
+        with ``BatcherStopped`` instead; a batch already in a worker thread cannot be
         interrupted and is left to finish there (``busy`` says whether it still runs).
         """
         self._closed = True

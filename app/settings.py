@@ -80,7 +80,8 @@ def default_batch_size(device: str) -> int:
 
     On the CPU (ONNX Runtime, 2 threads) larger batches cost more per image for the tiny
     network, whose activations then outgrow the caches: 4 served 42.6-43.5 images/s at
-    concurrency 16 against 37.6 for 16 (two runs each, benchmarks/serving.py's photos), and
-    the full network is as fast at any size. A GPU needs batches to be busy.
+    concurrency 16 against 37.6 for 16 (two runs each, benchmarks/serving.py's photos); for
+    the full network 8 was no faster than 4 (2.8-3.0 images/s either way, two A/B runs). A GPU
+    needs batches to be busy.
     """
     return 16 if device.startswith("cuda") else 4
