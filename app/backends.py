@@ -246,6 +246,8 @@ class OnnxRuntimeBackend:
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
+        if lanes is not None and lanes < 1:  # before any session is built
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         options = _session_options(threads)
         providers: list = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
@@ -261,8 +263,6 @@ class OnnxRuntimeBackend:
         self._check_signature(onnx_path, metadata)
         if lanes is None:
             lanes = default_lanes(self.device, threads, os.path.getsize(onnx_path))
-        if lanes < 1:
-            raise ValueError(f"lanes must be >= 1, got {lanes}")
         if lanes > 1 and on_cuda:
             logger.warning("one lane on CUDA: concurrent batches would share one GPU stream")
             lanes = 1
