@@ -32,10 +32,11 @@ __all__ = ["CocoMetrics", "DetectionMetrics", "coco_map", "evaluate_detections"]
 
 INTERPOLATIONS: tuple[str, ...] = ("11point", "all", "coco101")
 
-# VOC2007 samples recall at t = 0, 0.1, ..., 1. Computed as k / 10 (the nearest double to each t)
-# rather than the Python devkit's np.arange(0, 1.1, 0.1), whose 0.30000000000000004 would make a
-# recall of exactly 3/10 fail to reach t = 0.3.
-_VOC07_RECALL_THRESHOLDS = torch.arange(11, dtype=torch.float64) / 10
+# VOC2007 samples recall at t = 0, 0.1, ..., 1: the reference voc_eval's own array, bit for bit
+# (np.arange(0.0, 1.1, 0.1), also in py-faster-rcnn and Detectron2), so published VOC numbers are
+# reproduced exactly. Its 0.3, 0.6 and 0.7 are 0.30000000000000004, 0.6000000000000001 and
+# 0.7000000000000001: a recall of exactly 3/10, 6/10 or 7/10 does not reach them.
+_VOC07_RECALL_THRESHOLDS = torch.from_numpy(np.arange(0.0, 1.1, 0.1))
 # pycocotools' own arrays, bit for bit, so that coco_map agrees with COCOeval even where a recall
 # lands exactly on a threshold (np.linspace(0, 1, 101)[3] is 0.030000000000000002, not 0.03).
 _COCO_RECALL_THRESHOLDS = torch.from_numpy(np.linspace(0.0, 1.0, 101))
@@ -79,8 +80,9 @@ def evaluate_detections(
         num_classes: number of classes C; ``ap`` has C entries.
         iou_threshold: a detection is a hit when its IoU with a ground truth is ``>=`` this.
         interpolation: how each precision-recall curve becomes one number:
-            ``"11point"`` (VOC2007: mean over t in {0, 0.1, ..., 1} of the highest precision at
-            recall >= t), ``"all"`` (VOC2010+: area under the monotone precision envelope) or
+            ``"11point"`` (VOC2007: mean over t in {0, 0.1, ..., 1}, the devkit's doubles, of
+            the highest precision at recall >= t), ``"all"`` (VOC2010+: area under the
+            monotone precision envelope) or
             ``"coco101"`` (the same as 11point with COCO's 101 recall points 0:0.01:1).
 
     Matching follows the VOC devkit. Per class, detections from all images are sorted by score

@@ -289,7 +289,7 @@ def _voc_reference(
     """Per-class AP, a literal numpy port of the VOC devkit (py-faster-rcnn's voc_eval).
 
     Deviations, each matching model.metrics' documented choices: continuous IoU (no +1), a hit is
-    IoU >= threshold (as the MATLAB devkit), 11-point thresholds k / 10, stable score sort.
+    IoU >= threshold (as the MATLAB devkit), stable score sort.
     Ignored detections stay in the cumulative sums as zero-width steps, as in the devkit.
     """
     aps = []
@@ -357,7 +357,7 @@ def _voc_ap_reference(recall: np.ndarray, precision: np.ndarray, interpolation: 
             mpre[i - 1] = max(mpre[i - 1], mpre[i])
         i = np.where(mrec[1:] != mrec[:-1])[0]
         return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-    thresholds = np.arange(11) / 10 if interpolation == "11point" else np.linspace(0, 1, 101)
+    thresholds = np.arange(0.0, 1.1, 0.1) if interpolation == "11point" else np.linspace(0, 1, 101)
     sampled = [precision[recall >= t].max() if np.any(recall >= t) else 0.0 for t in thresholds]
     return float(np.mean(sampled))
 
@@ -424,6 +424,20 @@ def test_matches_voc_devkit_reference(seed: int, iou_threshold: float, interpola
         torch.tensor(result["ap"]), torch.tensor(expected), equal_nan=True, rtol=0, atol=1e-12
     )
     assert result["map"] == pytest.approx(float(np.nanmean(expected)), abs=1e-12)
+
+
+# k of 10 objects found, each by one exact detection (precision 1 up to recall k / 10). The
+# devkit's thresholds np.arange(0, 1.1, 0.1) hold 0.30000000000000004, 0.6000000000000001 and
+# 0.7000000000000001, which a recall of exactly 3/10, 6/10 or 7/10 does not reach: precision 1 is
+# sampled at the k thresholds 0 ... (k - 1) / 10 only, so AP = k / 11 (with k / 10: (k + 1) / 11).
+@pytest.mark.parametrize("found", [3, 6, 7])
+def test_11point_recall_on_a_devkit_threshold_like_the_devkit(found: int) -> None:
+    boxes = [[20.0 * i, 0.0, 20.0 * i + 10, 10.0] for i in range(10)]
+    truth = [_truth(boxes, [0] * 10, [False] * 10)]
+    prediction = [_prediction(boxes[:found], [1.0 - i / 100 for i in range(found)], [0] * found)]
+    result = evaluate_detections(prediction, truth, num_classes=1, interpolation="11point")
+    assert result["ap"] == [pytest.approx(found / 11, abs=1e-12)]
+    assert result["ap"] == _voc_reference(prediction, truth, 1, 0.5, "11point")
 
 
 # --------------------------------------------------------------------- pycocotools reference
