@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from app.batcher import BatcherStopped, BatchFailed, QueueFull
+from app.docs import mount_docs
 from app.inference import CorruptImage, ImageTooLarge, UnsupportedImage
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, OneLineStartupFailure, RequestMetricsMiddleware
@@ -86,7 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # Operation ids (and generated clients' function names) are the handlers' names.
         generate_unique_id_function=lambda route: route.name,
+        docs_url=None,  # mount_docs serves both pages from local files, not a CDN
+        redoc_url=None,
     )
+    mount_docs(app)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = Service(settings, metrics)
