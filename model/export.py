@@ -155,12 +155,17 @@ def ensure_onnx(
     weights_path = Path(weights_path)
     name = _onnx_file_name(weights_path, sha256)
     primary = Path(cache_dir) if cache_dir is not None else weights_path.parent
-    candidates = [primary / name, Path(tempfile.gettempdir()) / "yolov1-onnx" / name]
-    if not replace:
-        for path in candidates:
-            if path.is_file():
-                logger.info("reusing the ONNX export %s", path)
-                return path
+    candidates = [primary / name]
+    if not replace and candidates[0].is_file():  # before asking for a temp dir, which a
+        logger.info("reusing the ONNX export %s", candidates[0])  # read-only root lacks
+        return candidates[0]
+    try:
+        candidates.append(Path(tempfile.gettempdir()) / "yolov1-onnx" / name)
+    except FileNotFoundError as exc:  # no writable temp dir at all
+        logger.warning("no temporary directory for the ONNX export (%s)", exc)
+    if not replace and candidates[-1].is_file():
+        logger.info("reusing the ONNX export %s", candidates[-1])
+        return candidates[-1]
     for path in candidates:
         try:
             _writable(path.parent)
