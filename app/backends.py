@@ -6,7 +6,8 @@ options' thresholds, best first (``app.inference.select`` applies the class filt
 limit). Both compute the same thing:
 - ``TorchBackend``: eager PyTorch, then ``model.postprocess`` (torchvision's ``batched_nms``);
 - ``OnnxRuntimeBackend``: the graph of ``model.export`` (network, box decoding and scores),
-  then ONNX's ``NonMaxSuppression`` (per image and class, as ``batched_nms``) in ONNX Runtime.
+  then ONNX's ``NonMaxSuppression`` (per image and class, as ``batched_nms``) in ONNX Runtime;
+  on the CPU optionally its int8 engine (``model.quantize``: the network in int8, the rest float).
 
 The ONNX Runtime backend never imports torch, which on its own holds ~0.8 GB of a process's
 memory (CUDA build); the export it runs on is written by a child process.
@@ -19,6 +20,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -26,8 +28,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from app.inference import Detections, DetectOptions, Pixels
+from app.detections import Detections, DetectOptions, Pixels
 from model.export import INPUT_NAME, OUTPUT_NAMES, ensure_onnx
+from model.quantize import QuantizeSettings, ensure_int8, training_data
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "torch", "onnxruntime"]
 BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+PRECISION_NAMES: tuple[str, ...] = ("auto", "fp32", "int8")
 
 
 @runtime_checkable
@@ -45,7 +49,7 @@ class Backend(Protocol):
     """Runs the network and NMS on a batch (see the module's docstring).
 
     ``device`` is where inputs are best placed ("cpu", "cuda:0", ...); ``dtype`` is the
-    precision the network computes in ("float32", "float16"). ``lanes`` is how many batches
+    precision the network computes in ("float32", "float16", "int8"). ``lanes`` is how many batches
     may usefully run at once; ``detect(..., concurrent=True)`` runs one of them, on that
     lane's share of the threads.
     """
@@ -230,10 +234,10 @@ def default_threads() -> int:
 
 
 class OnnxRuntimeBackend:
-    """ONNX Runtime on an export written by ``model.export``; results come back on the CPU."""
+    """ONNX Runtime on an export written by ``model.export`` (``dtype`` "float32") or its int8
+    engine written by ``model.quantize`` ("int8"); results come back on the CPU."""
 
     name = "onnxruntime"
-    dtype = "float32"
 
     def __init__(
         self,
@@ -242,7 +246,13 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         threads: int | None = None,
         lanes: int | None = None,
+        dtype: str = "float32",
     ):
+        if dtype not in ("float32", "int8"):
+            raise ValueError(f"dtype must be float32 or int8, got {dtype!r}")
+        if dtype == "int8" and device != "cpu":
+            raise ValueError(f"the int8 engine runs on the CPU, got device {device!r}")
+        self.dtype = dtype
         threads = default_threads() if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -389,6 +399,25 @@ def resolve_backend_name(name: str, device: str) -> str:
     return "onnxruntime" if device == "cpu" else "torch"
 
 
+def resolve_precision(
+    name: str, backend: str, device: str, metadata: dict[str, Any], settings: QuantizeSettings
+) -> str:
+    """Map ``name`` ("auto", "fp32" or "int8") to the precision served.
+
+    ``"auto"`` is "int8" only for ONNX Runtime on the CPU, and only when the checkpoint records
+    that the int8 engine built with these ``settings`` passed the accuracy gate and was the
+    faster (``int8.default``, written by ``python -m benchmarks.quantize --record``); otherwise
+    "fp32" (on CUDA, float16 stays the ``half`` setting's business).
+    """
+    if name not in PRECISION_NAMES:
+        raise ValueError(f"precision must be one of {PRECISION_NAMES}, got {name!r}")
+    if name != "auto":
+        return name
+    record = metadata.get("int8") or {}
+    chosen = record.get("default") is True and record.get("settings") == asdict(settings)
+    return "int8" if chosen and backend == "onnxruntime" and device == "cpu" else "fp32"
+
+
 def create_backend(
     name: BackendName | str,
     weights_path: str | Path,
@@ -399,6 +428,9 @@ def create_backend(
     threads: int | None = None,
     sha256: str | None = None,
     lanes: int | None = None,
+    precision: str = "fp32",
+    calibration_data: Sequence[str | Path] = (),
+    quantize: QuantizeSettings = QuantizeSettings(),
 ) -> Backend:
     """Build the backend called ``name`` for the checkpoint ``weights_path`` (``metadata``).
 
@@ -406,9 +438,18 @@ def create_backend(
     weights file's content (see ``model.export.ensure_onnx``); a cached file that ONNX Runtime
     cannot use is exported again once. ``threads`` defaults to ``default_threads()``;
     ``sha256`` is the weights' hex digest when the caller already computed it; ``lanes``
-    (concurrent batches, ONNX Runtime only) defaults to ``default_lanes``.
+    (concurrent batches, ONNX Runtime only) defaults to ``default_lanes``. ``precision``
+    (see ``resolve_precision``) "int8" serves the int8 engine of ``model.quantize``, needs
+    ONNX Runtime on the CPU, and is calibrated (once, then cached) on ``calibration_data``,
+    by default the training folders the checkpoint records.
     """
     resolved = resolve_backend_name(name, device)
+    precision = resolve_precision(precision, resolved, device, metadata, quantize)
+    if precision == "int8" and (resolved != "onnxruntime" or device != "cpu" or half):
+        raise ValueError(
+            f"int8 needs the onnxruntime backend on the CPU without half, got {resolved!r} on "
+            f"{device}{' with half' if half else ''}"
+        )
     for what, value in (("threads", threads), ("lanes", lanes)):
         if value is not None and value < 1:  # before anything is exported
             raise ValueError(f"{what} must be >= 1, got {value}")
@@ -424,13 +465,28 @@ def create_backend(
             raise ValueError(
                 f"half precision needs the torch backend on CUDA, got {name!r} on {device}"
             )
-        path = ensure_onnx(weights_path, cache_dir, sha256=sha256)
+        if precision == "int8":
+            data = list(calibration_data) or training_data(metadata)
+
+            def engine(replace: bool) -> Path:
+                return ensure_int8(
+                    weights_path, data, quantize, cache_dir, replace=replace, sha256=sha256
+                )
+
+            dtype = "int8"
+        else:
+
+            def engine(replace: bool) -> Path:
+                return ensure_onnx(weights_path, cache_dir, replace=replace, sha256=sha256)
+
+            dtype = "float32"
+        path = engine(replace=False)
         try:
-            backend = OnnxRuntimeBackend(path, metadata, device, threads, lanes)
-        except Exception as exc:  # truncated, foreign, or an older layout: export it again
-            logger.warning("cannot use the ONNX export %s (%s); exporting again", path, exc)
-            path = ensure_onnx(weights_path, cache_dir, replace=True, sha256=sha256)
-            backend = OnnxRuntimeBackend(path, metadata, device, threads, lanes)
+            backend = OnnxRuntimeBackend(path, metadata, device, threads, lanes, dtype)
+        except Exception as exc:  # truncated, foreign, or an older layout: write it again
+            logger.warning("cannot use the ONNX file %s (%s); writing it again", path, exc)
+            path = engine(replace=True)
+            backend = OnnxRuntimeBackend(path, metadata, device, threads, lanes, dtype)
     logger.info(
         "backend %s (asked for %r) on %s, %s", resolved, name, backend.device, backend.dtype
     )

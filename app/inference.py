@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
+from app.backends import Backend, create_backend
+from app.detections import Detections, DetectOptions, Pixels
 from model.metadata import file_sha256, read_metadata
+from model.quantize import QuantizeSettings
 
 if TYPE_CHECKING:
     import torch
-
-    from app.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,6 @@ class UnsupportedImage(ImageError):
 
 class ImageTooLarge(ImageError):
     """More pixels than allowed, as declared by the header."""
-
-
-Pixels = Any  # (3, size, size) float32 RGB in [0, 1]: a numpy array, or a torch tensor on CUDA
 
 
 @dataclass(frozen=True)
@@ -225,30 +224,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class DetectOptions:
-    """Per-request decoding parameters."""
-
-    conf_threshold: float
-    iou_threshold: float
-    max_detections: int
-    class_ids: frozenset[int] | None = None  # keep only these classes; None keeps all
-
-
-@dataclass(frozen=True)
 class Job:
     """One image waiting for inference."""
 
     image: Pixels  # (3, H, W) float32 in [0, 1]
     options: DetectOptions
-
-
-@dataclass(frozen=True)
-class Detections:
-    """One image's detections, best first: numpy arrays on the CPU."""
-
-    boxes: np.ndarray  # (K, 4) float32 xyxy, normalised to [0, 1]
-    scores: np.ndarray  # (K,) float32, decreasing
-    labels: np.ndarray  # (K,) int64 class ids
 
 
 def select(found: Detections, options: DetectOptions) -> Detections:
@@ -288,20 +268,22 @@ class Detector:
         backend: str = "auto",
         half: bool = False,
         lanes: int | None = None,
+        precision: str = "fp32",
+        calibration_data: Sequence[Path] = (),
+        quantize: QuantizeSettings = QuantizeSettings(),
     ) -> Detector:
         """Read ``weights`` and build the backend; raises ``CheckpointError`` or ``ValueError``.
 
         On the ONNX Runtime backend only the metadata is read here: the tensors go through
-        the export (see ``app.backends.create_backend``).
+        the export (see ``app.backends.create_backend``, which also explains ``precision``).
         """
-        from app.backends import create_backend
-
         weights = Path(weights)
         metadata = read_metadata(weights)
         digest = file_sha256(weights)  # the version, and the key of the ONNX export's cache
         runner = create_backend(
-            backend, weights, metadata, device, half=half, sha256=digest, lanes=lanes
-        )
+            backend, weights, metadata, device, half=half, sha256=digest, lanes=lanes,
+            precision=precision, calibration_data=calibration_data, quantize=quantize,
+        )  # fmt: skip
         return cls(runner, metadata, weights, digest[:12])
 
     def __call__(self, jobs: list[Job], concurrent: bool = False) -> list[Detections]:

@@ -74,6 +74,9 @@ class ModelInfo(BaseModel):
     backend: str = Field(examples=["onnxruntime"])
     device: str = Field(examples=["cpu"])
     dtype: str = Field(examples=["float32"])
+    precision: str = Field(
+        description="What the network computes in: fp32, fp16 or int8.", examples=["fp32"]
+    )
     conf_threshold: float = Field(description="Default `confidence` query parameter.")
     iou_threshold: float = Field(description="Default `iou` query parameter.")
     batching: BatchingInfo

@@ -33,6 +33,7 @@ from app.inference import (
 from app.metrics import Metrics
 from app.schemas import Box, Detection, DetectionResult, ImageSize, ModelRef, Timing
 from app.settings import FALLBACK_CONF_THRESHOLD, Settings
+from model.quantize import QuantizeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +106,9 @@ class Service:
             if s.half and not half:
                 logger.warning("YOLOV1_HALF is ignored on %s: fp16 needs CUDA", device)
             detector = await asyncio.to_thread(
-                Detector.load, s.weights, device, s.backend, half, s.inference_lanes
-            )
+                Detector.load, s.weights, device, s.backend, half, s.inference_lanes,
+                s.precision, s.calibration_data, QuantizeSettings(images=s.calibration_images),
+            )  # fmt: skip
             await asyncio.to_thread(detector.warm_up)
         except Exception as exc:
             logger.debug("startup failed", exc_info=True)

@@ -24,6 +24,13 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto = CUDA when available, else CPU; or cpu, cuda, cuda:N
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     half: bool = False  # fp16 weights and inputs; CUDA only, ignored (with a warning) on CPU
+    # auto: int8 on the CPU (ONNX Runtime) where the checkpoint records that its int8 engine
+    # passed the accuracy gate, else fp32 (see app.backends.resolve_precision).
+    precision: Literal["auto", "fp32", "int8"] = "auto"
+    # Folders (comma-separated) the int8 engine is calibrated on, once; empty: the training
+    # data the checkpoint records. A cached engine needs none.
+    calibration_data: Annotated[tuple[Path, ...], NoDecode] = ()
+    calibration_images: int = Field(32, ge=1, le=10_000)
     # Images per inference batch; None: 4 on the CPU, 16 on CUDA (see default_batch_size).
     max_batch_size: int | None = Field(None, ge=1, le=1024)
     # Batches that may run at once (ONNX Runtime); None: 2 on the CPU for exports up to
@@ -55,6 +62,13 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
+    @field_validator("calibration_data", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(Path(part.strip()) for part in value.split(",") if part.strip())
+        return value
+
         # Checked by its form: importing torch to ask it would cost the ONNX Runtime service
         # ~0.8 GB of memory.
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):

@@ -7,6 +7,8 @@ from fastapi import APIRouter, Depends
 from app.routes.deps import ServiceDep, require_api_key
 from app.schemas import NOT_READY, UNAUTHORIZED, BatchingInfo, ModelInfo
 
+PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8"}  # dtype -> precision
+
 router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)])
 
 
@@ -28,6 +30,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
         backend=detector.backend.name,
         device=detector.backend.device,
         dtype=detector.backend.dtype,
+        precision=PRECISIONS.get(detector.backend.dtype, detector.backend.dtype),
         conf_threshold=service.default_conf_threshold,
         iou_threshold=s.iou_threshold,
         batching=BatchingInfo(

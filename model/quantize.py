@@ -1,0 +1,302 @@
+"""INT8 for the CPU: a static QDQ quantization of an ONNX export, calibrated on training images.
+
+The int8 engine is ``model.export``'s float graph with its network part (every node the
+``grid`` output depends on) quantized by ``onnxruntime.quantization.quantize_static``: QDQ
+format, per-channel symmetric int8 weights, uint8 activations whose ranges come from
+calibration images decoded and resized by the service's own ``app.inference.decode_image``
+(see ``app.calibration``, which reads them and calls ``quantize_onnx``).
+Box decoding and the scores read the dequantized grid and stay float, and so does NMS. ONNX
+Runtime fuses each ``DequantizeLinear -> Conv -> QuantizeLinear`` into an integer kernel.
+
+The file is cached beside the float export (``<stem>.<sha256[:16]>.v<N>.int8-<key>.onnx``),
+keyed by the weights' content and the calibration settings, and written by a child process
+(``python -m app.calibration WEIGHTS OUT --data ROOT``) as the float export is. Nothing here
+imports torch, the service, or onnxruntime's quantization tools at module level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from model.export import EXPORT_VERSION, PROJECT_ROOT, _writable
+from model.metadata import file_sha256
+
+if TYPE_CHECKING:
+    import onnx
+
+logger = logging.getLogger(__name__)
+
+# Part of the cache key: bump it whenever the quantization recipe changes.
+QUANTIZE_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+Precision = Literal["fp32", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8")
+Quantizer = Callable[[Path, Path, Sequence[Path], "QuantizeSettings"], Path]
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How the int8 engine is calibrated; every field is part of its cache key."""
+
+    images: int = 32  # calibration images, spread evenly over the split (the issue's probe)
+    split: str = "train"  # of a VOC root; a plain folder gives all its images
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    # 7-bit weights. On AVX2 without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of
+    # products in int16 (vpmaddubsw), which saturates past 32767: 255 * 127 * 2 does, 255 * 63 * 2
+    # does not. VNNI sums in int32 and needs no reduced range; the engine may run on either.
+    reduce_range: bool = True
+
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise ValueError(f"calibration images must be >= 1, got {self.images}")
+        if self.method not in ("minmax", "percentile", "entropy"):
+            raise ValueError(f"method must be minmax, percentile or entropy, got {self.method!r}")
+
+    def key(self, data: Sequence[Path]) -> str:
+        """12 hex digits naming these settings and the calibration folders (by their names)."""
+        fields = {**asdict(self), "data": [Path(d).name for d in data], "v": QUANTIZE_VERSION}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- calibration images ---------------------------------------------------------------------
+
+
+def calibration_files(roots: Sequence[str | Path], split: str, count: int) -> list[Path]:
+    """Up to ``count`` image files, spread evenly (by sorted path) over every root.
+
+    A root in Pascal VOC layout gives the images of ``ImageSets/Main/<split>.txt``; any other
+    folder gives every image file below it. Raises ``ValueError`` naming a root that is
+    missing or holds no image file.
+    """
+    if not roots:
+        raise ValueError("no calibration folder given")
+    files: list[Path] = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise ValueError(f"calibration folder {root} does not exist")
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if split_file.is_file():
+            ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+            found = [_voc_image(root, image_id) for image_id in ids]
+            found = [f for f in found if f is not None]
+        else:
+            found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not found:
+            raise ValueError(f"calibration folder {root} holds no image file ({split} split)")
+        files.extend(found)
+    files.sort()
+    if len(files) <= count:
+        return files
+    picks = np.linspace(0, len(files) - 1, count).round().astype(int)
+    return [files[i] for i in picks]
+
+
+def _voc_image(root: Path, image_id: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        if (path := root / "JPEGImages" / f"{image_id}{suffix}").is_file():
+            return path
+    return None
+
+
+# ---- quantization ---------------------------------------------------------------------------
+
+
+def network_nodes(model: onnx.ModelProto, output: str = "grid") -> list[str]:
+    """Names of the nodes ``output`` depends on: the network, not the decoding after it.
+
+    Nodes without a name are given one (``quantize_static`` selects nodes by name).
+    """
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    producer = {out: node for node in model.graph.node for out in node.output}
+    if output not in producer:
+        raise ValueError(f"the graph has no node producing {output!r}")
+    needed: dict[str, None] = {}
+    stack = [output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in needed:
+            continue
+        needed[node.name] = None
+        stack.extend(node.input)
+    return list(needed)
+
+
+def quantize_onnx(
+    float_path: str | Path,
+    out: str | Path,
+    images: Sequence[np.ndarray],
+    settings: QuantizeSettings = QuantizeSettings(),
+) -> Path:
+    """Write the int8 QDQ engine of the export ``float_path`` to ``out``, atomically.
+
+    ``images``: calibration inputs, (3, H, W) float32 in [0, 1] each.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from model.export import INPUT_NAME
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches: Iterator[np.ndarray] = iter(images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self._batches, None)
+            return None if image is None else {INPUT_NAME: image[None]}  # (1, 3, H, W)
+
+    out = Path(out)
+    model = onnx.load(str(float_path))
+    nodes = network_nodes(model)
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[settings.method]
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="yolov1-int8-") as work:
+        named = Path(work) / "float.onnx"  # the graph with every node named
+        onnx.save(model, str(named))
+        del model
+        try:
+            quantize_static(
+                str(named),
+                str(tmp),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=settings.reduce_range,
+                nodes_to_quantize=nodes,
+                calibrate_method=method,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+            _stamp(tmp, settings)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    logger.info("quantized %s to %s in %.1f s", float_path, out, time.perf_counter() - start)
+    return out
+
+
+def _stamp(path: Path, settings: QuantizeSettings) -> None:
+    """Record the calibration settings in the file's metadata, for whoever finds it later."""
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "yolov1_int8", json.dumps(asdict(settings))
+    onnx.save(model, str(path))
+
+
+# ---- the cache ------------------------------------------------------------------------------
+
+
+def int8_file_name(
+    weights_path: Path, settings: QuantizeSettings, data: Sequence[Path], sha256: str | None = None
+) -> str:
+    digest = sha256 or file_sha256(weights_path)
+    return f"{weights_path.stem}.{digest[:16]}.v{EXPORT_VERSION}.int8-{settings.key(data)}.onnx"
+
+
+def quantize_in_subprocess(
+    weights_path: Path, out: Path, data: Sequence[Path], settings: QuantizeSettings
+) -> Path:
+    """Write the int8 engine of ``weights_path`` to ``out`` in a child Python, so that the
+    float export and the calibration's memory never enter this process. The child is
+    ``app.calibration``, named rather than imported: it decodes with the service's decoder.
+    Raises ``RuntimeError`` with the child's last words."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "app.calibration", str(weights_path), str(out)]
+    command += ["--data", *map(str, data), "--images", str(settings.images)]
+    command += ["--split", settings.split, "--method", settings.method]
+    command += [] if settings.reduce_range else ["--no-reduce-range"]
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise RuntimeError(f"the int8 quantization of {weights_path} failed: {last}")
+    logger.info("quantized %s to %s in %.1f s", weights_path, out, time.perf_counter() - start)
+    return out
+
+
+def ensure_int8(
+    weights_path: str | Path,
+    data: Sequence[str | Path],
+    settings: QuantizeSettings = QuantizeSettings(),
+    cache_dir: str | Path | None = None,
+    *,
+    replace: bool = False,
+    quantizer: Quantizer = quantize_in_subprocess,
+    sha256: str | None = None,
+) -> Path:
+    """Return the path of the int8 engine of ``weights_path``, quantizing only when none is cached.
+
+    As ``model.export.ensure_onnx``: the file goes to ``cache_dir`` (default: beside the
+    weights), else to ``<system temp dir>/yolov1-onnx``; one already in either place is reused
+    unless ``replace``. ``data`` (calibration folders) is read only when quantizing, so a
+    cached engine serves without them.
+    """
+    weights_path = Path(weights_path)
+    data = [Path(d) for d in data]
+    name = int8_file_name(weights_path, settings, data, sha256)
+    primary = Path(cache_dir) if cache_dir is not None else weights_path.parent
+    candidates = [primary / name, Path(tempfile.gettempdir()) / "yolov1-onnx" / name]
+    if not replace:
+        for path in candidates:
+            if path.is_file():
+                logger.info("reusing the int8 engine %s", path)
+                return path
+    missing = [str(d) for d in data if not d.is_dir()]
+    if not data or missing:
+        raise ValueError(
+            f"no int8 engine of {weights_path.name} is cached, and the calibration folder "
+            f"{', '.join(missing) or '(none given)'} does not exist"
+        )
+    for path in candidates:
+        try:
+            _writable(path.parent)
+        except OSError as exc:
+            logger.warning("cannot write the int8 engine to %s (%s)", path, exc)
+            continue
+        return quantizer(weights_path, path, data, settings)
+    raise OSError(f"no writable place for the int8 engine of {weights_path}: tried {candidates}")
+
+
+def training_data(metadata: dict[str, Any]) -> list[Path]:
+    """The training folders a checkpoint records (``training.data``), as paths that exist
+    where possible: as written (relative to the working directory), else relative to the
+    project root, where ``yolov1-train`` is run from."""
+    found = []
+    for entry in metadata.get("training", {}).get("data", []):
+        path = Path(entry)
+        if not path.is_absolute() and not path.is_dir():
+            path = PROJECT_ROOT / path
+        found.append(path)
+    return found
