@@ -2,6 +2,8 @@
 
 Ground truth comes from the annotation files (pixel boxes with their difficult flags), never
 from the grid; predictions are mapped back to each image's pixels before matching.
+``--precision int8`` scores the service's int8 engine (``model.quantize``) in ONNX Runtime on
+the same images, through the same decoding and matching, so the two numbers compare.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from model.data import Annotation, DetectionDataset, detection_collate, read_dat
 from model.metrics import best_f1_threshold, coco_map, evaluate_detections
 from model.network import YOLOv1
 from model.postprocess import postprocess
+from model.quantize import PRECISIONS, QuantizeSettings, ensure_int8, training_data
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +53,20 @@ def predict(
     workers: int = 0,
     conf_threshold: float = EVAL_CONF_THRESHOLD,
     progress: bool = False,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Run ``model`` on every image; return detections with boxes in each image's pixels (xyxy)."""
+    """Run ``model`` on every image; return detections with boxes in each image's pixels (xyxy).
+
+    ``forward``, when given, computes the raw grid (N, S, S, C+5B) from the (N, 3, H, W) images
+    in place of ``model`` (which still gives S, B, C and the input size): another engine.
+    """
     was_training = model.training
     model.eval()
     dataset = DetectionDataset(annotations, model.image_size, train=False)
     loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=detection_collate)
     results: list[dict[str, torch.Tensor]] = []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        raw = model(images.to(device))
+        raw = model(images.to(device)) if forward is None else forward(images)
         dets = postprocess(
             raw, model.boxes_per_cell, model.num_classes, conf_threshold, 0.5, max_detections=100
         )
@@ -68,6 +77,26 @@ def predict(
             results[-1]["boxes"] = results[-1]["boxes"] * scale
     model.train(was_training)
     return results
+
+
+def onnx_forward(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``grid`` output of the ONNX Runtime engine at ``path``, on the CPU, as a function."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        (grid,) = session.run(["grid"], {"images": images.cpu().float().numpy()})
+        return torch.from_numpy(grid)  # (N, S, S, C+5B)
+
+    return forward
+
+
+def int8_forward(
+    weights: Path, data: list[Path], settings: QuantizeSettings
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The service's int8 engine of ``weights`` (cached, else calibrated on ``data``)."""
+    return onnx_forward(ensure_int8(weights, data, settings))
 
 
 def score(
@@ -112,6 +141,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32: the PyTorch model; int8: the service's int8 ONNX Runtime engine (CPU)",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        nargs="+",
+        type=Path,
+        help="int8: calibration folders if no engine is cached (default: the training data)",
+    )
+    parser.add_argument("--calibration-images", type=int, default=QuantizeSettings().images)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument(
         "--calibrate",
@@ -128,14 +170,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     annotations = read_datasets(args.data, args.format, args.split, class_names)
     if not annotations:
         raise ValueError(f"no annotated images in split {args.split!r} of {args.data}")
+    forward = None
+    if args.precision == "int8":
+        if args.calibrate:  # the service's threshold is the float model's (it is the fallback)
+            raise ValueError("--calibrate stores the fp32 threshold: run it without --precision")
+        if device.type != "cpu":
+            raise ValueError(f"the int8 engine runs on the CPU, got --device {args.device}")
+        data = args.calibration_data or training_data(meta)
+        forward = int8_forward(args.weights, data, QuantizeSettings(args.calibration_images))
     start = time.perf_counter()
-    predictions = predict(model, annotations, device, args.batch_size, args.workers, progress=True)
+    predictions = predict(
+        model, annotations, device, args.batch_size, args.workers, progress=True, forward=forward
+    )
     elapsed = time.perf_counter() - start
     result = score(predictions, annotations, len(class_names))
     result.update(
         images=len(annotations),
         images_per_s=len(annotations) / elapsed,
         weights=str(args.weights),
+        precision=args.precision,
         split=args.split,
         class_names=class_names,
     )
