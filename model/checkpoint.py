@@ -14,10 +14,11 @@ from model.metadata import (
     FORMAT_VERSION,
     METADATA_KEY,
     CheckpointError,
+    architecture_of,
     file_sha256,
     read_metadata,
 )
-from model.network import YOLOv1, build_model
+from model.network import IMAGENET_MEAN, IMAGENET_STD, YOLOv1
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,6 +42,7 @@ def model_metadata(model: YOLOv1, class_names: list[str] | tuple[str, ...]) -> d
     return {
         "format_version": FORMAT_VERSION,
         "arch": model.arch,
+        "architecture": model.arch_config.to_dict(),
         "grid_size": model.grid_size,
         "boxes_per_cell": model.boxes_per_cell,
         "num_classes": model.num_classes,
@@ -96,9 +98,16 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = read_metadata(path)
+    arch = architecture_of(meta, path)
+    normalisation = meta.get("input", {})
     try:
-        model = build_model(
-            meta["arch"], meta["num_classes"], meta["boxes_per_cell"], meta["image_size"]
+        model = YOLOv1(
+            arch,
+            meta["num_classes"],
+            meta["boxes_per_cell"],
+            meta["image_size"],
+            mean=tuple(normalisation.get("mean", IMAGENET_MEAN)),
+            std=tuple(normalisation.get("std", IMAGENET_STD)),
         )
     except ValueError as exc:
         raise CheckpointError(path, f"metadata describes no valid model ({exc})") from None

@@ -13,10 +13,11 @@ from typing import Any
 
 from safetensors import safe_open
 
-from model.config import ARCHITECTURES
+from model.config import ARCHITECTURES, ArchConfig
 
 METADATA_KEY = "yolov1"
-FORMAT_VERSION = 1
+# 2: the metadata carries the architecture itself ("architecture"); 1 named a built-in one.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -56,8 +57,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = {"arch", "num_classes", "boxes_per_cell", "image_size", "class_names"} - set(meta)
     if missing:
         raise CheckpointError(path, f"metadata lacks {sorted(missing)}")
-    if meta["arch"] not in ARCHITECTURES:
-        raise CheckpointError(path, f"unknown architecture {meta['arch']!r}")
+    architecture_of(meta, path)
     if len(meta["class_names"]) != meta["num_classes"]:
         raise CheckpointError(
             path,
@@ -65,3 +65,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"{len(meta['class_names'])} class names",
         )
     return meta
+
+
+def architecture_of(meta: dict[str, Any], path: str | Path = "<metadata>") -> ArchConfig:
+    """The architecture a checkpoint's metadata describes (its own, or a named built-in one)."""
+    if "architecture" in meta:
+        try:
+            return ArchConfig.from_dict(meta["architecture"])
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(path, f"invalid architecture in the metadata ({exc})") from None
+    if meta["arch"] not in ARCHITECTURES:
+        raise CheckpointError(path, f"unknown architecture {meta['arch']!r}")
+    return ARCHITECTURES[meta["arch"]]

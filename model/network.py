@@ -13,6 +13,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from model.config import ArchConfig, Layer, get_arch
+from model.darknet import Conv as DarknetConv
+from model.darknet import DarknetNetwork, Local, MaxPool, Section, activation_fn, parse_cfg
 
 # ImageNet statistics: the usual input normalisation, stored in every checkpoint.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -20,38 +22,78 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CNNBlock(nn.Module):
-    """Conv2d without bias, BatchNorm2d, LeakyReLU(0.1): the seed's (and Darknet's) conv unit."""
+    """Conv2d without bias, BatchNorm2d, LeakyReLU(0.1): the seed's (and Darknet's) conv unit.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int):
+    Imported Darknet layers may instead have a bias and no BatchNorm, or another activation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        stride: int,
+        padding: int,
+        activation: str = "leaky",
+        batch_normalize: bool = True,
+        eps: float = 1e-5,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False)
-        self.batchnorm = nn.BatchNorm2d(out_channels)
-        self.leakyrelu = nn.LeakyReLU(0.1)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel, stride, padding, bias=not batch_normalize
+        )
+        self.batchnorm = nn.BatchNorm2d(out_channels, eps=eps) if batch_normalize else nn.Identity()
+        self.leakyrelu = activation_fn(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.leakyrelu(self.batchnorm(self.conv(x)))
 
 
-def build_darknet(layers: tuple[Layer, ...], in_channels: int = 3) -> tuple[nn.Sequential, int]:
+def _conv_block(in_channels: int, conv: tuple, eps: float) -> CNNBlock:
+    kernel, filters, stride, padding, *rest = conv  # rest: (activation, batch_normalize)
+    return CNNBlock(in_channels, filters, kernel, stride, padding, *rest, eps=eps)
+
+
+def build_darknet(
+    layers: tuple[Layer, ...], in_channels: int = 3, eps: float = 1e-5
+) -> tuple[nn.Sequential, int]:
     """Build the backbone from a seed-style layer list; return it and its output channel count."""
     modules: list[nn.Module] = []
     channels = in_channels
     for layer in layers:
-        if isinstance(layer, tuple):
-            kernel, filters, stride, padding = layer
-            modules.append(CNNBlock(channels, filters, kernel, stride, padding))
-            channels = filters
-        elif layer == "M":
+        if layer == "M":
             modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        elif isinstance(layer, tuple) and layer[0] == "M":
+            _, size, stride, padding = layer
+            modules.append(
+                MaxPool(Section.of("maxpool", size=size, stride=stride, padding=padding))
+            )
+        elif isinstance(layer, tuple):
+            modules.append(_conv_block(channels, layer, eps))
+            channels = layer[1]
         elif isinstance(layer, list):
             *convs, repeats = layer
             for _ in range(repeats):
-                for kernel, filters, stride, padding in convs:
-                    modules.append(CNNBlock(channels, filters, kernel, stride, padding))
-                    channels = filters
+                for conv in convs:
+                    modules.append(_conv_block(channels, conv, eps))
+                    channels = conv[1]
         else:
             raise ValueError(f"unknown layer spec {layer!r}: expected a tuple, 'M' or a list")
     return nn.Sequential(*modules), channels
+
+
+class DarknetStem(nn.Module):
+    """A Darknet cfg's layers (a pretrained backbone) as the first part of the network."""
+
+    def __init__(self, cfg_text: str, image_size: int):
+        super().__init__()
+        sections = parse_cfg(cfg_text, "<architecture darknet_cfg>")
+        sections[0].options.update(width=str(image_size), height=str(image_size))
+        self.net = DarknetNetwork(sections)
+        self.out_channels = self.net.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[-1]
 
 
 class YOLOv1(nn.Module):
@@ -81,6 +123,7 @@ class YOLOv1(nn.Module):
                 f"num_classes and boxes_per_cell must be >= 1, got {num_classes}, {boxes_per_cell}"
             )
         self.arch = arch.name
+        self.arch_config = arch
         self.num_classes = num_classes  # C
         self.boxes_per_cell = boxes_per_cell  # B
         self.image_size = image_size
@@ -89,18 +132,43 @@ class YOLOv1(nn.Module):
         # Normalisation is part of the network, so every backend sees the same [0, 1] input.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
-        self.darknet, channels = build_darknet(arch.layers)
-        self.fcs = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(channels * S * S, arch.head_hidden),
-            nn.Dropout(arch.head_dropout),
-            nn.LeakyReLU(0.1),
-            nn.Linear(arch.head_hidden, S * S * (C + 5 * B)),
-        )
+        channels = 3
+        self.stem = None
+        if arch.darknet_cfg is not None:
+            self.stem = DarknetStem(arch.darknet_cfg, image_size)
+            channels = self.stem.out_channels
+        self.darknet, channels = build_darknet(arch.layers, channels, arch.batchnorm_eps)
+        self.local = None
+        if arch.head_local is not None:
+            size, filters, stride, pad, activation = arch.head_local
+            section = Section.of(
+                "local", size=size, filters=filters, stride=stride, pad=pad, activation=activation
+            )
+            self.local = Local(section, channels, S, S)
+            if (self.local.out_h, self.local.out_w) != (S, S):
+                raise ValueError(f"head_local {arch.head_local} changes the {S}x{S} grid")
+            channels = filters
+        outputs = S * S * (C + 5 * B)
+        if arch.head_hidden:
+            self.fcs = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(channels * S * S, arch.head_hidden),
+                nn.Dropout(arch.head_dropout),
+                activation_fn(arch.head_activation),
+                nn.Linear(arch.head_hidden, outputs),
+            )
+        else:  # Darknet's yolov1.cfg and yolov1-tiny.cfg: straight to the output layer
+            self.fcs = nn.Sequential(
+                nn.Flatten(), nn.Dropout(arch.head_dropout), nn.Linear(channels * S * S, outputs)
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images - self.pixel_mean) / self.pixel_std
+        if self.stem is not None:
+            x = self.stem(x)
         x = self.darknet(x)  # (N, channels, S, S)
+        if self.local is not None:
+            x = self.local(x)  # (N, filters, S, S)
         S = self.grid_size
         return self.fcs(x).view(
             -1, S, S, self.num_classes + 5 * self.boxes_per_cell
@@ -127,6 +195,8 @@ def fold_batchnorm(model: YOLOv1) -> YOLOv1:
         if isinstance(block, CNNBlock) and isinstance(block.batchnorm, nn.BatchNorm2d):
             block.conv = fuse_conv_bn_eval(block.conv, block.batchnorm)
             block.batchnorm = nn.Identity()
+        elif isinstance(block, DarknetConv):
+            block.fold()
     return folded
 
 

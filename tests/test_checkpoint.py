@@ -91,6 +91,8 @@ def rewrite_metadata(src, dst, **changes):
     with safe_open(str(src), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         meta = json.loads(f.metadata()[METADATA_KEY])
+    if "arch" in changes and "architecture" not in changes:
+        meta.pop("architecture")  # a format-1 checkpoint: the name alone says the architecture
     meta.update(changes)
     save_file(tensors, str(dst), metadata={METADATA_KEY: json.dumps(meta)})
 
@@ -121,6 +123,22 @@ def test_unknown_architecture(tmp_path, saved):
     rewrite_metadata(saved, bad, arch="resnet50")
     with pytest.raises(CheckpointError, match="unknown architecture"):
         read_metadata(bad)
+
+
+def test_invalid_self_described_architecture(tmp_path, saved):
+    bad = tmp_path / "bad.safetensors"
+    rewrite_metadata(saved, bad, architecture={"name": "x", "layers": [[3, 16, 1]]})
+    with pytest.raises(CheckpointError, match="invalid architecture"):
+        read_metadata(bad)
+
+
+def test_format1_checkpoint_without_architecture_loads(tmp_path, saved, tiny):
+    old = tmp_path / "old.safetensors"
+    rewrite_metadata(saved, old, arch=tiny.arch, format_version=1)
+    model, meta = load_checkpoint(old)
+    assert "architecture" not in meta
+    x = torch.rand(1, 3, tiny.image_size, tiny.image_size)
+    torch.testing.assert_close(model(x), tiny.eval()(x))
 
 
 def test_save_requires_matching_class_names(tmp_path, tiny):
