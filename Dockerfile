@@ -1,50 +1,79 @@
-# syntax=docker/dockerfile:1
 # The YOLOv1 detection service.
-#   CPU image (default):  docker build -t yolov1 .
-#   CUDA image:           docker build --build-arg TORCH_VARIANT=cuda -t yolov1:cuda .
+#   CPU image (default): docker build -t yolov1:cpu .
+#     ONNX Runtime only, no PyTorch and no CUDA library; serves the baked weights' export.
+#   CUDA image:          docker build --build-arg TORCH_VARIANT=cuda -t yolov1:cuda .
+#     PyTorch 2.14.1 from PyPI with its CUDA 13.0 libraries (deploy/requirements/torch.txt);
+#     the host needs an NVIDIA driver for CUDA 13.0 (>= 580) and the NVIDIA container toolkit.
+# Every Python package comes from deploy/requirements/*.txt (exact versions and SHA-256s;
+# `python deploy/lock.py` rewrites them). Offline or behind a mirror, build arguments swap the
+# sources, never the packages:
+#   --build-arg BASE_IMAGE=...   another python:3.11 Debian image (deploy/standin-base.sh)
+#   --build-arg PIP_ARGS="--no-index --find-links http://..."   a local wheel house or index
 # One uvicorn worker per container: one batcher per process, one process per GPU.
 
-ARG PYTHON_IMAGE=python:3.11-slim
-
-# ---- dependencies: their own layer, rebuilt only when pyproject.toml changes ----------------
-FROM ${PYTHON_IMAGE} AS deps
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG TORCH_VARIANT=cpu
-# CPU-only wheels are a fraction of the size of the default (CUDA) ones.
-ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml /tmp/pyproject.toml
-RUN if [ "$TORCH_VARIANT" = "cpu" ]; then \
-        pip install --index-url "$TORCH_CPU_INDEX" torch torchvision; \
-    else \
-        pip install torch torchvision; \
-    fi \
- && python -c "import tomllib; deps = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(deps))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
 
-# ---- runtime ---------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
-    YOLOV1_HOST=0.0.0.0 YOLOV1_PORT=8000
-COPY --from=deps /opt/venv /opt/venv
-RUN useradd --create-home --uid 10001 yolo
-WORKDIR /srv/yolov1
-COPY pyproject.toml README.md ./
+# ---- a virtual environment and the service's user ------------------------------------------
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv \
+ && useradd --system --user-group --uid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin yolo
+
+# ---- serving dependencies (ONNX Runtime, FastAPI): rebuilt only when their lock changes ----
+FROM base AS deps-cpu
+ARG PIP_ARGS=""
+COPY deploy/requirements/serve.txt /tmp/requirements/
+RUN pip install --no-deps --require-hashes $PIP_ARGS -r /tmp/requirements/serve.txt \
+ && pip check
+
+# ---- PyTorch on top: the CUDA image, and the export of the baked weights -------------------
+FROM deps-cpu AS deps-cuda
+ARG PIP_ARGS=""
+COPY deploy/requirements/torch.txt /tmp/requirements/
+RUN pip install --no-deps --require-hashes $PIP_ARGS -r /tmp/requirements/torch.txt \
+ && pip check
+
+# ---- this project as a wheel, built here so that the runtime stage needs no network --------
+FROM base AS wheel
+ARG PIP_ARGS=""
+COPY deploy/requirements/build.txt /tmp/requirements/
+RUN pip install --no-deps --require-hashes $PIP_ARGS -r /tmp/requirements/build.txt
+COPY pyproject.toml README.md /src/
+COPY model /src/model
+COPY app /src/app
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheel /src
+
+# ---- the ONNX export of the baked weights: reads model/ and weights/ only, so edits under
+# app/ reuse it. The service finds it beside the weights, keyed by their SHA-256. ----------
+FROM deps-cuda AS export
+ARG WEIGHTS=yolov1-voc.safetensors
+WORKDIR /src
 COPY model ./model
-COPY app ./app
-# The default checkpoint is baked in; mount another and point YOLOV1_WEIGHTS at it to replace it.
 COPY weights ./weights
-# The ONNX export of the baked-in weights, written now rather than at every cold start (the
-# service's ONNX Runtime backend finds it next to the weights, keyed by their SHA-256).
-RUN pip install --no-deps --no-cache-dir -e . \
- && python -c "from model.export import ensure_onnx; ensure_onnx('weights/yolov1-voc.safetensors')" \
- && chown -R yolo:yolo /srv/yolov1
-USER yolo
+RUN PYTHONPATH=/src python -c "import sys; from model.export import ensure_onnx; \
+print(ensure_onnx(sys.argv[1]))" "weights/$WEIGHTS"
+
+# ---- the image ---------------------------------------------------------------------------
+FROM deps-${TORCH_VARIANT} AS runtime
+ARG WEIGHTS=yolov1-voc.safetensors
+COPY --from=wheel /wheel /tmp/wheel
+# Code and weights belong to root; the service's user can read them and write nothing there.
+RUN pip install --no-deps --no-index /tmp/wheel/*.whl && rm -rf /tmp/wheel
+COPY weights /srv/yolov1/weights
+COPY --from=export /src/weights/*.onnx /srv/yolov1/weights/
+# Docker's default stop timeout is 10 s: drain within it. Compose and Kubernetes allow 30 s.
+ENV YOLOV1_WEIGHTS=/srv/yolov1/weights/$WEIGHTS YOLOV1_HOST=0.0.0.0 YOLOV1_PORT=8000 \
+    YOLOV1_DRAIN_TIMEOUT_S=8
+WORKDIR /srv/yolov1
+USER 10001:10001
 EXPOSE 8000
-# Loading the weights, the warm-up batch, and the ONNX export of mounted weights (the baked-in
-# ones are exported at build time) take a while on a cold start.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+# Loading and the warm-up take seconds; mounted weights without an export beside them are
+# exported at startup by the CUDA image (tens of seconds; the CPU image has no PyTorch).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=4).status != 200)"]
 STOPSIGNAL SIGTERM
 CMD ["yolov1-serve"]
