@@ -162,20 +162,9 @@ def _openapi(app: FastAPI, build: Callable[[], dict[str, Any]]) -> dict[str, Any
     if app.openapi_schema is None:  # build() caches its result there
         settings: Settings = app.state.settings
         complete_schema(
-            build(), settings.max_images_per_request, bool(settings.api_keys), _class_names(app)
+            build(), settings.max_images_per_request, bool(settings.api_keys), settings.server_url
         )
     return app.openapi_schema
-
-
-def _class_names(app: FastAPI) -> list[str] | None:
-    """The served classes: from the loaded model, else from the checkpoint's header if any."""
-    service: Service = app.state.service
-    if service.detector is not None:
-        return service.detector.class_names
-    try:
-        return list(read_metadata(service.settings.weights)["class_names"])
-    except CheckpointError:
-        return None
 
 
 @functools.cache

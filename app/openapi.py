@@ -1,9 +1,13 @@
 """Completing FastAPI's OpenAPI schema where FastAPI cannot know the values or where generated
-clients need more than it writes."""
+clients need more than it writes.
+
+The schema is the contract every client is generated from, so it does not depend on the served
+checkpoint, and it depends on the settings only where they are the contract: the batch upload's
+``maxItems``, the ``servers`` URL, and whether a key is optional.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp")
@@ -12,46 +16,50 @@ DETECTION_UPLOADS = {  # route -> its multipart file field
     "/v1/detect/batch": "images",
     "/v1/detect/render": "image",
 }
+LICENSE = {"name": "MIT", "identifier": "MIT"}
 
 
 def complete_schema(
     schema: dict[str, Any],
     max_images_per_request: int,
-    auth: bool,
-    class_names: Sequence[str] | None,
+    auth_required: bool,
+    server_url: str,
 ) -> dict[str, Any]:
     """Complete ``schema`` in place and return it.
 
-    - Upload fields get ``format: binary``. FastAPI writes only ``contentMediaType``, and
-      generators such as openapi-python-client then type the field as text, so the generated
-      client's upload fails with 422.
+    - Upload fields are ``format: binary`` strings: FastAPI writes ``contentMediaType:
+      application/octet-stream`` instead, which contradicts the image types of the multipart
+      encoding, and generators such as openapi-python-client then type the field as text (the
+      generated client's upload fails with 422).
     - Image parts declare the accepted image types; the batch upload's ``maxItems`` is
-      ``max_images_per_request``; ``classes`` enumerates ``class_names`` when they are known.
-    - Without ``auth``, no operation claims to need a key or to answer 401.
+      ``max_images_per_request``.
+    - Secured operations keep their security schemes and their 401 whatever the settings, so a
+      client generated against a service without keys works against one with keys; without
+      keys (``auth_required`` false) an empty alternative says that a key is optional. The other
+      operations (probes, metrics) declare ``security: []``: open.
+    - ``servers`` holds ``server_url``, the base URL generated clients default to.
     """
     schemas = schema["components"]["schemas"]
     _mark_binary(schemas)
     schemas["Body_detect_batch"]["properties"]["images"]["maxItems"] = max_images_per_request
     for path, field in DETECTION_UPLOADS.items():
-        operation = schema["paths"][path]["post"]
-        form = operation["requestBody"]["content"]["multipart/form-data"]
+        form = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
         form["encoding"] = {field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}}
-        for parameter in operation["parameters"]:
-            if parameter["name"] == "classes" and class_names:
-                # "" is accepted too and filters nothing (``?classes=`` from a form or a script).
-                parameter["schema"]["anyOf"][0]["items"]["enum"] = [*class_names, ""]
-    if not auth:
-        schema["components"].pop("securitySchemes", None)
-        for operations in schema["paths"].values():
-            for operation in operations.values():
-                operation.pop("security", None)
-                operation["responses"].pop("401", None)
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            if "security" not in operation:
+                operation["security"] = []
+            elif not auth_required:
+                operation["security"].append({})
+    schema["servers"] = [{"url": server_url, "description": "This service (YOLOV1_PUBLIC_URL)."}]
+    schema["info"]["license"] = LICENSE
     return schema
 
 
 def _mark_binary(node: Any) -> None:
     if isinstance(node, dict):
         if node.get("type") == "string" and "contentMediaType" in node:
+            del node["contentMediaType"]
             node["format"] = "binary"
         for value in node.values():
             _mark_binary(value)

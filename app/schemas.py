@@ -70,7 +70,7 @@ class ModelInfo(BaseModel):
     boxes_per_cell: int = Field(description="B: boxes predicted per cell.", examples=[2])
     num_classes: int = Field(description="C: number of classes.", examples=[20])
     image_size: int = Field(description="Network input side in pixels.", examples=[448])
-    class_names: list[str]
+    class_names: list[str] = Field(description="The names the `classes` parameter accepts.")
     backend: str = Field(examples=["onnxruntime"])
     device: str = Field(examples=["cpu"])
     dtype: str = Field(examples=["float32"])
@@ -87,14 +87,37 @@ class Health(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every error: a message, or for invalid parameters FastAPI's list of validation errors."""
+    """Every error but 422: what went wrong, in one message."""
 
-    detail: str | list[dict[str, Any]] = Field(examples=["queue is full, retry later"])
+    detail: str = Field(examples=["queue is full, retry later"])
 
 
-def _error(description: str, example: str, headers: dict[str, Any] | None = None) -> dict:
+class ValidationIssue(BaseModel):
+    """One invalid part of a request, as FastAPI (and pydantic) report it."""
+
+    loc: list[str | int] = Field(
+        description="Where: the request part, then the field.", examples=[["query", "classes"]]
+    )
+    msg: str = Field(examples=["unknown class names ['unicorn']; known: ['cat', 'dog']"])
+    type: str = Field(description="Error kind, for programs.", examples=["value_error"])
+    input: Any = Field(None, description="The value that was refused.")
+    ctx: dict[str, Any] | None = Field(None, description="The kind's parameters, if any.")
+
+
+class ValidationErrorResponse(BaseModel):
+    """422: every invalid part of the request."""
+
+    detail: list[ValidationIssue]
+
+
+def _error(
+    description: str,
+    example: str | list[dict[str, Any]],
+    headers: dict[str, Any] | None = None,
+    model: type[BaseModel] = ErrorResponse,
+) -> dict:
     response: dict[str, Any] = {
-        "model": ErrorResponse,
+        "model": model,
         "description": description,
         "content": {"application/json": {"example": {"detail": example}}},
     }
@@ -132,7 +155,9 @@ DETECTION_ERRORS: dict[int | str, dict[str, Any]] = {
     ),
     415: _error("Not a JPEG, PNG, WebP or BMP image.", "not a JPEG, PNG, WebP or BMP image"),
     422: _error("Invalid parameters (unknown class name, out-of-range value, missing file).",
-                "unknown class names ['unicorn']"),
+                [{"loc": ["query", "classes"], "msg": "unknown class names ['unicorn']; known: "
+                  "['cat', 'dog']", "type": "value_error", "input": ["unicorn"]}],
+                model=ValidationErrorResponse),
     500: _error("The batch holding this image failed; other requests are unaffected.",
                 "inference failed for this batch (RuntimeError)"),
     **NOT_READY,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     decode_workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=1)
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
+    # The URL clients reach the service at, the schema's ``servers`` entry (generated clients'
+    # default base URL); None: http://localhost:<port>.
+    public_url: HttpUrl | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -59,9 +62,6 @@ class Settings(BaseSettings):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
     @field_validator("calibration_data", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:
@@ -69,6 +69,9 @@ class Settings(BaseSettings):
             return tuple(Path(part.strip()) for part in value.split(",") if part.strip())
         return value
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
         # Checked by its form: importing torch to ask it would cost the ONNX Runtime service
         # ~0.8 GB of memory.
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
@@ -83,6 +86,13 @@ class Settings(BaseSettings):
             if value is not None and self.max_queue < value:
                 raise ValueError(f"max_queue ({self.max_queue}) must be >= {name} ({value})")
         return self
+
+    @property
+    def server_url(self) -> str:
+        """``public_url`` without its trailing slash, else http://localhost:<port>."""
+        if self.public_url is None:
+            return f"http://localhost:{self.port}"
+        return str(self.public_url).rstrip("/")
 
     def batch_size_for(self, device: str) -> int:
         """``max_batch_size`` if set, else the default for ``device`` (see default_batch_size)."""

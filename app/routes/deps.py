@@ -10,6 +10,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Query, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.inference import DetectOptions
@@ -64,7 +65,8 @@ async def detect_options(
     classes: Annotated[
         list[str] | None,
         Query(
-            description="Class names to keep (repeatable); all when absent or empty.",
+            description="Class names to keep (repeatable), from `class_names` of GET /v1/model; "
+            "all when absent or empty. An unknown name is refused with 422.",
             examples=[["dog", "person"]],
         ),
     ] = None,
@@ -72,10 +74,15 @@ async def detect_options(
     try:
         return service.options(confidence, iou, max_detections, classes)
     except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise invalid(("query", "classes"), str(exc), classes) from None
 
 
 Options = Annotated[DetectOptions, Depends(detect_options)]
+
+
+def invalid(loc: tuple[str | int, ...], msg: str, value: object) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own: ``{"detail": [{"loc", "msg", "type", "input"}]}``."""
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error", "input": value}])
 
 
 async def read_upload(upload: UploadFile, limit: int) -> bytes:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import Response
 
-from app.routes.deps import Options, ServiceDep, read_upload, require_api_key, wait_for_disconnect
+from app.routes.deps import (
+    Options,
+    ServiceDep,
+    invalid,
+    read_upload,
+    require_api_key,
+    wait_for_disconnect,
+)
 from app.schemas import DETECTION_ERRORS, BatchDetectionResult, DetectionResult
 
 router = APIRouter(
@@ -45,7 +52,8 @@ async def detect_batch(
 ) -> BatchDetectionResult:
     limit = service.settings.max_images_per_request
     if len(images) > limit:
-        raise HTTPException(422, f"{len(images)} images; at most {limit} per request")
+        message = f"{len(images)} images; at most {limit} per request"
+        raise invalid(("body", "images"), message, len(images))
     uploads = [await read_upload(image, service.settings.max_upload_bytes) for image in images]
     results = await service.detect(uploads, options, partial(wait_for_disconnect, request))
     return BatchDetectionResult(results=results)
