@@ -119,6 +119,36 @@ def score(
     }
 
 
+def agreement(
+    reference: list[dict[str, torch.Tensor]],
+    predictions: list[dict[str, torch.Tensor]],
+    num_classes: int,
+    conf_threshold: float,
+) -> dict[str, float]:
+    """How well ``predictions`` reproduce ``reference``'s own detections (same images, in order).
+
+    ``reference``'s detections with a score ``>= conf_threshold`` (what the service would
+    answer) are the ground truth; ``predictions`` are scored against them: VOC mAP@0.5,
+    11-point and all-point. 1.0 is the same answer. Raises ``ValueError`` when no reference
+    detection reaches the threshold (there would be nothing to agree on).
+    """
+    truths = []
+    for ref in reference:
+        keep = ref["scores"] >= conf_threshold
+        truths.append({"boxes": ref["boxes"][keep], "labels": ref["labels"][keep]})
+    if not any(len(t["labels"]) for t in truths):
+        raise ValueError(f"no reference detection has a score >= {conf_threshold}")
+    return {
+        "agreement_map50_11point": evaluate_detections(
+            predictions, truths, num_classes, 0.5, "11point"
+        )["map"],
+        "agreement_map50_all": evaluate_detections(predictions, truths, num_classes, 0.5, "all")[
+            "map"
+        ],
+        "reference_objects": sum(len(t["labels"]) for t in truths),
+    }
+
+
 def format_table(result: dict[str, Any], class_names: list[str]) -> str:
     """A per-class AP table followed by the summary numbers."""
     lines = [f"{'class':<14} {'AP50 (11pt)':>11} {'AP50 (all)':>11}"]
