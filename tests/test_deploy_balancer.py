@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,14 +56,21 @@ http {{
 """
 
 
+def server_parameters() -> str:
+    """The parameters compose's upstream gives its replicas (less ``resolve``)."""
+    conf = (REPO / "deploy" / "nginx" / "default.conf").read_text()
+    match = re.search(r"^\s*server replica:8000 resolve(.*);", conf, re.M)
+    assert match, "no `server replica:8000 resolve ...;` in default.conf"
+    return match.group(1)
+
+
 def start_nginx(tmp: Path, upstream_ports: list[int]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    servers = "\n".join(f"        server 127.0.0.1:{p};" for p in upstream_ports)
+    params = server_parameters()
+    servers = "\n".join(f"        server 127.0.0.1:{p}{params};" for p in upstream_ports)
     user = "user root;" if os.geteuid() == 0 else ""  # workers must write tmp's body files
     conf = tmp / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(user=user, tmp=tmp, servers=servers, port=port, repo=REPO)
-    )
+    conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, servers=servers, port=port, repo=REPO))
     proc = subprocess.Popen(
         [NGINX, "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -109,6 +117,8 @@ class Stub:
                     return
                 self.send_response(STATUS[stub.mode])
                 self.send_header("Content-Type", "application/json")
+                if stub.mode == "full":
+                    self.send_header("Retry-After", "1")
                 payload = f'{{"mode": "{stub.mode}", "bytes": {len(body)}}}'.encode()
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -156,7 +166,9 @@ BODY = os.urandom(300_000)
 def send(url: str, method: str, n: int = REQUESTS) -> Counter:
     with httpx.Client(base_url=url, timeout=30) as client:
         if method == "POST":
-            answers = [client.post("/v1/detect", files={"image": ("a.jpg", BODY)}) for _ in range(n)]
+            answers = [
+                client.post("/v1/detect", files={"image": ("a.jpg", BODY)}) for _ in range(n)
+            ]
         else:
             answers = [client.get("/v1/model") for _ in range(n)]
     return Counter(r.status_code for r in answers)
@@ -171,6 +183,22 @@ def test_a_replica_that_refuses_costs_no_request(balanced, mode, method):
     assert sum(s.hits[method] for s in good) == REQUESTS  # each answered once, by a good one
     if bad is not None:
         assert bad.hits[method] > 0, "the full replica was never tried: nothing was proven"
+
+
+def test_when_every_replica_is_full_the_client_gets_their_503(tmp_path):
+    stubs = [Stub("full") for _ in range(3)]
+    proc, url = start_nginx(tmp_path, [s.port for s in stubs])
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            answers = [
+                client.post("/v1/detect", files={"image": ("a.jpg", BODY)}) for _ in range(9)
+            ]
+    finally:
+        stop(proc)
+        for stub in stubs:
+            stub.close()
+    assert [(r.status_code, r.headers.get("retry-after")) for r in answers] == [(503, "1")] * 9
+    assert [s.hits["POST"] for s in stubs] == [9, 9, 9]  # each request tried every replica once
 
 
 @pytest.mark.parametrize("mode", ["failed", "deadline", "drop"])
@@ -205,17 +233,22 @@ async def test_three_replicas_one_full_or_draining_lose_no_request(weights, tmp_
     """Three ``yolov1-serve`` processes behind nginx; one holds its worker in a batch and is
     either full (its one queue slot taken) or draining (SIGTERM): every request is answered
     200 by the other two, and the troubled one's 503s show nginx really sent requests there."""
-    limits = dict(max_batch_size="1", max_images_per_request="1", max_queue="1")
+    # The troubled replica has room for one running and one queued image; the others have the
+    # defaults.
+    tiny = dict(max_batch_size="1", max_images_per_request="1", max_queue="1")
     procs, ports = [], []
     for i in range(3):
         armed, entered, release = (tmp_path / f"{name}{i}" for name in ("armed", "in", "go"))
         ports.append(free_port())
-        env = server_env(weights, ports[-1], drain_timeout_s="120", **limits)
+        env = server_env(weights, ports[-1], drain_timeout_s="120", **(tiny if i == 0 else {}))
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", HELD_SERVER, str(armed), str(entered), str(release)],
-                env=env, cwd=tmp_path, text=True,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                env=env,
+                cwd=tmp_path,
+                text=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
             )  # fmt: skip
         )
     nginx = None
@@ -248,7 +281,7 @@ async def test_three_replicas_one_full_or_draining_lose_no_request(weights, tmp_
             nginx, url = start_nginx(tmp_path, ports)
             start = time.perf_counter()
             answers = []
-            for _ in range(4):  # 4 waves of 6 concurrent requests
+            for _ in range(8):  # 8 waves of 6 concurrent requests
                 wave = [_detect(client, url) for _ in range(6)]
                 answers += await asyncio.gather(*wave)
             elapsed = time.perf_counter() - start
