@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pyproject ranges is fine (set TORCH_SPEC= to let pip choose).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv serve test lint bench clean
+.PHONY: venv serve test lint bench clean client-python client-typescript
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.serving
+
+# Clients generated from a running service's schema (README, "Generated clients").
+OPENAPI_URL ?= http://localhost:8000/openapi.json
+
+client-python: venv
+	$(BIN)/openapi-python-client generate --url $(OPENAPI_URL) --config clients/python/config.yaml \
+		--output-path clients/python/yolov1-client --overwrite
+
+client-typescript:
+	cd clients/typescript && npm ci --no-audit --no-fund && OPENAPI_URL=$(OPENAPI_URL) npx openapi-ts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -20,7 +20,7 @@ async function main(path: string): Promise<void> {
     throw new Error(`${response.status}: ${detail}`);
   }
   for (const d of data.detections) {
-    console.log(d.label, d.confidence.toFixed(2), d.box);
+    console.log(d.label, d.confidence.toFixed(2), JSON.stringify(d.box));
   }
 }
 
