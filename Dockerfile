@@ -63,6 +63,9 @@ ARG WEIGHTS=yolov1-voc.safetensors
 COPY --from=wheel /wheel /tmp/wheel
 # Code and weights belong to root; the service's user can read them and write nothing there.
 RUN pip install --no-deps --no-index /tmp/wheel/*.whl && rm -rf /tmp/wheel
+# With the weights comes their int8 engine when one was written beside them before the build
+# (python -m app.calibration weights/$WEIGHTS: it calibrates on their training data, which the
+# build cannot see); YOLOV1_PRECISION=int8, or a gate recorded in the weights, serves it.
 COPY weights /srv/yolov1/weights
 COPY --from=export /src/weights/*.onnx /srv/yolov1/weights/
 # Docker's default stop timeout is 10 s: drain within it. Compose and Kubernetes allow 30 s.

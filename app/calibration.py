@@ -1,9 +1,11 @@
-"""Calibrate and write the int8 engine of a checkpoint: ``python -m app.calibration W OUT``.
+"""Calibrate and write the int8 engine of a checkpoint: ``python -m app.calibration W [OUT]``.
 
 The calibration images are decoded and resized by ``app.inference.decode_image``, exactly as
 uploads are, so the ranges the quantizer measures are those the served network sees. The
 service runs this module as a child process (``model.quantize.quantize_in_subprocess``), so
 that neither the float export nor the calibration's memory stays in the serving process.
+Without ``OUT`` the engine goes where the service looks for it: beside the weights, under the
+name ``model.quantize.int8_file_name`` gives it (so ``docker build`` copies it into the image).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import numpy as np
 from app.inference import ImageError, decode_image
 from model.export import ensure_onnx
 from model.metadata import CheckpointError, read_metadata
-from model.quantize import QuantizeSettings, calibration_files, quantize_onnx, training_data
+from model.quantize import (
+    QuantizeSettings,
+    calibration_files,
+    int8_file_name,
+    quantize_onnx,
+    training_data,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Write the int8 ONNX Runtime engine of a checkpoint.",
     )
     parser.add_argument("weights", type=Path, help="a .safetensors checkpoint")
-    parser.add_argument("out", type=Path, help="the .onnx file to write")
+    parser.add_argument(
+        "out", type=Path, nargs="?", help="the .onnx file to write (default: the service's cache)"
+    )
     parser.add_argument(
         "--data",
         nargs="+",
@@ -84,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = QuantizeSettings(args.images, args.split, args.method, args.reduce_range)
         data = args.data or training_data(read_metadata(args.weights))
-        quantize_weights(args.weights, args.out, data, settings)
+        out = args.out or args.weights.parent / int8_file_name(args.weights, settings, data)
+        print(quantize_weights(args.weights, out, data, settings))
     except (CheckpointError, ValueError, OSError, RuntimeError) as exc:
         sys.exit(f"app.calibration: {exc}")
 
