@@ -28,11 +28,27 @@ from tqdm import tqdm
 
 from model.boxes import encode_targets
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import ARCHITECTURES, VOC_CLASSES
-from model.data import DetectionDataset, detection_collate, load_class_names, read_datasets
+from model.config import ARCHITECTURES, VOC_CLASSES, ArchConfig
+from model.darknet import DarknetError, load_darknet, read_cfg, sections_to_text
+from model.data import (
+    Annotation,
+    DetectionDataset,
+    detection_collate,
+    load_class_names,
+    read_datasets,
+)
 from model.evaluate import predict, resolve_device, score
 from model.loss import YOLOv1Loss
+from model.metadata import architecture_of, read_metadata
 from model.network import YOLOv1, build_model
+from model.teacher import (
+    class_mapping,
+    fill_unlabelled_objects,
+    label_images,
+    list_unlabeled,
+    load_teacher,
+    teacher_annotation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +115,27 @@ def init_from(model: YOLOv1, path: Path) -> None:
     logger.info("initialised %d tensors from %s; kept %d new", len(copied), path, len(skipped))
 
 
+# The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,
+# then the YOLOv1 connected layers. Dropout 0.3: the labelled set is small.
+STUDENT_HEAD_LAYERS = ((3, 256, 1, 1),)
+STUDENT_HEAD_DROPOUT = 0.3
+
+
+def backbone_arch(cfg: Path, layer: int) -> ArchConfig:
+    """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map)."""
+    sections = read_cfg(cfg)
+    if not 0 <= layer < len(sections) - 1:
+        raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{len(sections) - 2}")
+    return ArchConfig(
+        name=f"yolov1-{cfg.stem}",
+        layers=STUDENT_HEAD_LAYERS,
+        head_hidden=496,
+        head_dropout=STUDENT_HEAD_DROPOUT,
+        downsample=32,
+        darknet_cfg=sections_to_text(sections[: layer + 2]),
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("yolov1-train", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, nargs="+", type=Path, help="dataset root(s)")
@@ -107,7 +144,39 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--val-data", nargs="+", type=Path, help="val root(s) (default: --data)")
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="yolov1")
+    p.add_argument(
+        "--arch", choices=sorted(ARCHITECTURES),
+        help="built-in architecture (default: yolov1, or --init's own architecture)",
+    )  # fmt: skip
+    p.add_argument(
+        "--backbone", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"),
+        help="a pretrained Darknet backbone: the cfg's layers up to --backbone-layer, then the "
+        "YOLOv1 head (input normalisation: none, as Darknet)",
+    )  # fmt: skip
+    p.add_argument("--backbone-layer", type=int, help="last backbone layer (Darknet's index)")
+    p.add_argument(
+        "--freeze-backbone-epochs", type=int, default=0,
+        help="train only the head for this many epochs first",
+    )  # fmt: skip
+    p.add_argument(
+        "--backbone-lr-scale", type=float, default=1.0,
+        help="learning rate of the --backbone layers relative to --lr",
+    )  # fmt: skip
+    p.add_argument(
+        "--teacher", nargs="+", metavar="CFG WEIGHTS | CKPT",
+        help="a pretrained detector that labels the --unlabeled images",
+    )  # fmt: skip
+    p.add_argument("--teacher-names", type=Path, help="the teacher's class names (default: VOC)")
+    p.add_argument("--teacher-threshold", type=float, default=0.3)
+    p.add_argument(
+        "--teacher-fill", action="store_true",
+        help="also add teacher boxes for objects the annotations miss on labelled images",
+    )  # fmt: skip
+    p.add_argument(
+        "--unlabeled", nargs="+", type=Path, default=[],
+        help="folders of images without labels (a VOC root gives its --train-split images)",
+    )  # fmt: skip
+    p.add_argument("--label-cache", type=Path, help="teacher label cache (default: beside --out)")
     p.add_argument("--img-size", type=int, default=448, help="multiple of 64; S = img_size / 64")
     p.add_argument("--boxes-per-cell", type=int, default=2)
     p.add_argument("--epochs", type=int, default=135)
@@ -168,7 +237,13 @@ class Trainer:
         )
         if not train_ann:
             raise ValueError(f"no annotated images in split {args.train_split!r} of {args.data}")
-        self.model = build_model(args.arch, C, args.boxes_per_cell, args.img_size)
+        self.teacher_info: dict[str, Any] | None = None
+        if args.teacher:
+            train_ann = self.add_teacher_labels(train_ann)
+        elif args.unlabeled:
+            raise ValueError("--unlabeled needs a --teacher to label the images")
+        self.paths = output_paths(args.out)
+        self.model = self.build(C)
         if args.init:
             init_from(self.model, args.init)
         self.model.to(self.device)
@@ -193,7 +268,12 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=args.workers > 0,
         )
-        params = self.model.parameters()
+        stem = [] if self.model.stem is None else list(self.model.stem.parameters())
+        stem_ids = {id(p) for p in stem}
+        head = [p for p in self.model.parameters() if id(p) not in stem_ids]
+        params = [{"params": head}]
+        if stem:
+            params.append({"params": stem, "lr": args.lr * args.backbone_lr_scale})
         if args.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
                 params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -218,11 +298,83 @@ class Trainer:
             else None
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.paths = output_paths(args.out)
         self.start_epoch, self.best_map, self.step = 0, -1.0, 0
         self.images_seen, self.train_seconds = 0, 0.0
         if args.resume:
             self.load_state()
+
+    def build(self, C: int) -> YOLOv1:
+        """The student: --backbone, --arch, the architecture of --init or of a run to resume."""
+        a = self.args
+        S_args = (C, a.boxes_per_cell, a.img_size)
+        if a.backbone:
+            if a.backbone_layer is None:
+                raise ValueError("--backbone needs --backbone-layer")
+            arch = backbone_arch(a.backbone[0], a.backbone_layer)
+            model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+            darknet = load_darknet(a.backbone[0], a.backbone[1], upto=a.backbone_layer)
+            model.stem.net.load_state_dict(darknet.state_dict())
+            logger.info("backbone: %s layers 0..%d", a.backbone[0], a.backbone_layer)
+            return model
+        if a.arch:
+            return build_model(a.arch, *S_args)
+        source = self.paths["last"] if a.resume else a.init
+        if source is None:
+            return build_model("yolov1", *S_args)
+        meta = read_metadata(source)
+        inp = meta.get("input", {})
+        return YOLOv1(
+            architecture_of(meta, source), *S_args,
+            mean=tuple(inp.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(inp.get("std", (0.229, 0.224, 0.225))),
+        )  # fmt: skip
+
+    def add_teacher_labels(self, train_ann: list[Annotation]) -> list[Annotation]:
+        """Label --unlabeled images (and, with --teacher-fill, missed objects) by the teacher."""
+        a = self.args
+        names = load_class_names(a.teacher_names) if a.teacher_names else None
+        teacher = load_teacher(a.teacher, names)
+        mapping = class_mapping(teacher.class_names, self.class_names)
+        images = list_unlabeled(a.unlabeled, a.train_split) if a.unlabeled else []
+        labelled = [ann.image_path for ann in train_ann] if a.teacher_fill else []
+        cache = a.label_cache or a.out.parent / "teacher-labels"
+        start = time.perf_counter()
+        labels = label_images(teacher, images + labelled, cache, progress=not a.no_progress)
+        seconds = time.perf_counter() - start
+        extra = [teacher_annotation(p, labels[p], mapping, a.teacher_threshold) for p in images]
+        if a.teacher_fill:
+            train_ann = [
+                fill_unlabelled_objects(
+                    ann,
+                    teacher_annotation(
+                        ann.image_path, labels[ann.image_path], mapping, a.teacher_threshold
+                    ),
+                )  # fmt: skip
+                for ann in train_ann
+            ]
+        negatives = sum(len(e.boxes) == 0 for e in extra)
+        logger.info(
+            "teacher: %d unlabelled images (%d negatives, %d boxes) in %.1f s",
+            len(extra), negatives, sum(len(e.boxes) for e in extra), seconds,
+        )  # fmt: skip
+        self.teacher_info = {
+            **teacher.describe(),
+            "threshold": a.teacher_threshold,
+            "fill": a.teacher_fill,
+            "unlabeled": [str(d) for d in a.unlabeled],
+            "unlabeled_images": len(extra),
+            "labelling_seconds": round(seconds, 1),
+        }
+        return train_ann + extra
+
+    def set_backbone_frozen(self, frozen: bool) -> None:
+        stem = self.model.stem
+        if stem is None:
+            return
+        for p in stem.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:
+            stem.eval()  # BatchNorm statistics stay the pretrained ones
 
     # -- state ---------------------------------------------------------------------------------
     def metadata(self, epoch: int, val: dict[str, Any] | None) -> dict[str, Any]:
@@ -244,6 +396,8 @@ class Trainer:
                 "lr": a.lr,
                 "batch_size": a.batch_size * self.world,
                 "seed": a.seed,
+                "teacher": self.teacher_info,
+                "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
                 "val_map50_all": None if val is None else val["map50_all"],
                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -289,6 +443,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
+        self.set_backbone_frozen(epoch < self.args.freeze_backbone_epochs)
         net = self.ddp or self.model
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
@@ -411,7 +566,14 @@ def cli(argv: list[str] | None = None) -> None:
         main(args)
     except KeyboardInterrupt:
         sys.exit(130)
-    except (TrainingError, CheckpointError, ValueError, FileNotFoundError, OSError) as exc:
+    except (
+        TrainingError,
+        CheckpointError,
+        DarknetError,
+        ValueError,
+        FileNotFoundError,
+        OSError,
+    ) as exc:
         print(f"yolov1-train: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

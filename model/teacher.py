@@ -1,0 +1,250 @@
+"""A pretrained detector as teacher: labels for unlabelled images, cached, class-mapped by name.
+
+The teacher is a Darknet ``[yolo]`` detector (``model.darknet``) or one of our checkpoints. Each
+image is labelled once, on the plainly resized full image, and the labels are cached keyed by
+the teacher's and the image's SHA-256; training then treats them as ground truth, so every crop,
+flip and scale moves them exactly as it moves annotated boxes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
+
+from model.config import VOC_CLASSES
+from model.data import IMAGE_EXTENSIONS, Annotation, load_image_rgb, read_image_size
+from model.metadata import file_sha256
+
+logger = logging.getLogger(__name__)
+
+# Detections kept in the cache: low, so that --teacher-threshold can change without relabelling.
+CACHE_FLOOR = 0.05
+
+
+class Teacher:
+    """A frozen detector: ``detect(images)`` on (N, 3, size, size) RGB in [0, 1]."""
+
+    def __init__(self, cfg: Path, weights: Path, class_names: Sequence[str] | None = None):
+        self.cfg, self.weights = Path(cfg), Path(weights)
+        if self.cfg.suffix == ".safetensors":
+            raise ValueError("give a checkpoint teacher as --teacher CKPT.safetensors alone")
+        from model.darknet import Yolo, load_darknet
+
+        self.network = load_darknet(self.cfg, self.weights)
+        yolos = [self.network.layers[i] for i in self.network.output_layers]
+        if not all(isinstance(y, Yolo) for y in yolos):
+            raise ValueError(f"{self.cfg}: a teacher must be a [yolo] detector")
+        classes = yolos[0].classes
+        names = list(class_names) if class_names else list(VOC_CLASSES)
+        if len(names) != classes:
+            raise ValueError(f"{self.cfg} has {classes} classes, {len(names)} names were given")
+        self.class_names = names
+        self.input_size = (self.network.height, self.network.width)
+        digest = hashlib.sha256()
+        for path in (self.cfg, self.weights):
+            digest.update(bytes.fromhex(file_sha256(path)))
+        self.sha256 = digest.hexdigest()
+        self.kind = "darknet"
+
+    @torch.inference_mode()
+    def detect(self, images: torch.Tensor, threshold: float) -> list[dict[str, torch.Tensor]]:
+        from model.darknet import detect_yolo
+
+        return detect_yolo(self.network, images, threshold, 0.45, max_detections=100)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "cfg": self.cfg.name,
+            "weights": self.weights.name,
+            "sha256": self.sha256,
+            "input_size": list(self.input_size),
+        }
+
+
+class CheckpointTeacher(Teacher):
+    """One of our checkpoints as teacher."""
+
+    def __init__(self, path: Path):
+        from model.checkpoint import load_checkpoint
+
+        self.cfg = self.weights = Path(path)
+        self.model, meta = load_checkpoint(path)
+        self.class_names = list(meta["class_names"])
+        self.input_size = (self.model.image_size, self.model.image_size)
+        self.sha256 = file_sha256(path)
+        self.kind = "checkpoint"
+
+    @torch.inference_mode()
+    def detect(self, images: torch.Tensor, threshold: float) -> list[dict[str, torch.Tensor]]:
+        from model.postprocess import postprocess
+
+        m = self.model
+        return postprocess(m(images), m.boxes_per_cell, m.num_classes, threshold, 0.45)
+
+
+def load_teacher(spec: Sequence[str | Path], class_names: Sequence[str] | None = None) -> Teacher:
+    """``[CFG, WEIGHTS]`` (Darknet) or ``[CHECKPOINT]`` -> a teacher in inference mode."""
+    if len(spec) == 1:
+        return CheckpointTeacher(Path(spec[0]))
+    if len(spec) == 2:
+        return Teacher(Path(spec[0]), Path(spec[1]), class_names)
+    raise ValueError(f"--teacher takes CFG WEIGHTS or one checkpoint, got {list(spec)}")
+
+
+def class_mapping(teacher_names: Sequence[str], student_names: Sequence[str]) -> list[int]:
+    """Student index of each teacher class; every student class must be a teacher class."""
+    missing = [n for n in student_names if n not in teacher_names]
+    if missing:
+        raise ValueError(
+            f"the teacher's classes are not a superset of the student's: it lacks {missing}"
+        )
+    index = {n: i for i, n in enumerate(student_names)}
+    return [index.get(n, -1) for n in teacher_names]
+
+
+def list_unlabeled(folders: Sequence[str | Path], split: str = "train") -> list[Path]:
+    """Every image under each folder (recursively), sorted; a VOC root gives its ``split``.
+
+    A VOC root (with ``ImageSets/Main/<split>.txt``) contributes only the images of that split,
+    so that its val images are never trained on. Files that do not open as images are skipped
+    with one warning each.
+    """
+    paths: list[Path] = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise ValueError(f"--unlabeled: {folder} is not a folder")
+        split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
+        if split_file.is_file():
+            ids = {line.split()[0] for line in split_file.read_text().splitlines() if line.strip()}
+            found = [p for p in sorted((folder / "JPEGImages").iterdir()) if p.stem in ids]
+        else:
+            found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        kept = 0
+        for path in found:
+            try:
+                read_image_size(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                logger.warning("%s: image skipped: not a readable image (%s)", path, exc)
+                continue
+            paths.append(path)
+            kept += 1
+        logger.info("unlabelled %s: %d images", folder, kept)
+    return paths
+
+
+def _load_for_teacher(path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    image = load_image_rgb(path)
+    width, height = image.size
+    resized = image.resize((size[1], size[0]), Image.BILINEAR)
+    return F.to_dtype(F.pil_to_tensor(resized), torch.float32, scale=True), width, height
+
+
+class LabelCache:
+    """``<dir>/teacher-<sha16>.json``: image SHA-256 -> the teacher's detections (normalised)."""
+
+    def __init__(self, directory: Path, teacher: Teacher):
+        self.path = Path(directory) / f"teacher-{teacher.sha256[:16]}.json"
+        self.entries: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                logger.warning("%s: unreadable label cache, relabelling (%s)", self.path, exc)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries))
+        tmp.replace(self.path)
+
+
+def label_images(
+    teacher: Teacher,
+    paths: Sequence[Path],
+    cache_dir: Path,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[Path, dict[str, Any]]:
+    """The teacher's detections of every image (cached): ``{path: {"boxes": [[x1, y1, x2, y2]]
+    normalised, "scores": [...], "labels": [teacher class index], "size": [w, h]}}``."""
+    cache = LabelCache(cache_dir, teacher)
+    keys = {path: file_sha256(path) for path in paths}
+    todo = [p for p in paths if keys[p] not in cache.entries]
+    if todo:
+        logger.info("teacher: labelling %d images (%d cached)", len(todo), len(paths) - len(todo))
+    bar = tqdm(total=len(todo), desc="teacher labels", disable=not progress, leave=False)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        loaded = [_load_for_teacher(p, teacher.input_size) for p in chunk]
+        images = torch.stack([image for image, _, _ in loaded])  # (n, 3, h, w)
+        detections = teacher.detect(images, CACHE_FLOOR)
+        for path, det, (_, w, h) in zip(chunk, detections, loaded, strict=True):
+            cache.entries[keys[path]] = {
+                "boxes": [[round(v, 5) for v in box] for box in det["boxes"].tolist()],
+                "scores": [round(v, 4) for v in det["scores"].tolist()],
+                "labels": det["labels"].tolist(),
+                "size": [w, h],
+            }
+        bar.update(len(chunk))
+        if (start // batch_size) % 20 == 19:
+            cache.save()
+    bar.close()
+    if todo:
+        cache.save()
+    return {p: cache.entries[keys[p]] for p in paths}
+
+
+def teacher_annotation(
+    path: Path, labels: dict[str, Any], mapping: list[int], threshold: float
+) -> Annotation:
+    """An ``Annotation`` of the teacher's boxes above ``threshold`` (none: a negative image)."""
+    width, height = labels["size"]
+    keep = [
+        k
+        for k, (score, label) in enumerate(zip(labels["scores"], labels["labels"], strict=True))
+        if score > threshold and mapping[label] >= 0
+    ]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = torch.tensor([labels["boxes"][k] for k in keep], dtype=torch.float32).reshape(-1, 4)
+    return Annotation(
+        image_path=path,
+        width=width,
+        height=height,
+        boxes=boxes * scale,
+        labels=torch.tensor([mapping[labels["labels"][k]] for k in keep], dtype=torch.int64),
+        difficult=torch.zeros(len(keep), dtype=torch.bool),
+    )
+
+
+def fill_unlabelled_objects(
+    annotation: Annotation, teacher_ann: Annotation, iou_threshold: float = 0.3
+) -> Annotation:
+    """Add the teacher's boxes that overlap no annotated box (objects the annotator missed)."""
+    from torchvision.ops import box_iou
+
+    if len(teacher_ann.boxes) == 0:
+        return annotation
+    if len(annotation.boxes):
+        overlap = box_iou(teacher_ann.boxes, annotation.boxes).max(dim=1).values
+        new = overlap < iou_threshold
+    else:
+        new = torch.ones(len(teacher_ann.boxes), dtype=torch.bool)
+    return Annotation(
+        image_path=annotation.image_path,
+        width=annotation.width,
+        height=annotation.height,
+        boxes=torch.cat([annotation.boxes, teacher_ann.boxes[new]]),
+        labels=torch.cat([annotation.labels, teacher_ann.labels[new]]),
+        difficult=torch.cat([annotation.difficult, teacher_ann.difficult[new]]),
+    )
