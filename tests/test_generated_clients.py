@@ -259,10 +259,7 @@ def node_tools() -> Path:
     installed = TYPESCRIPT / "node_modules" / ".package-lock.json"
     lock = TYPESCRIPT / "package-lock.json"
     if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=TYPESCRIPT, check=True, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        run_node(npm, "ci", "--no-audit", "--no-fund", cwd=TYPESCRIPT)
     return TYPESCRIPT / "node_modules" / ".bin"
 
 
