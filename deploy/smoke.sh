@@ -44,17 +44,19 @@ t0=$(now)
 cid=$(docker run -d --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
     -p 127.0.0.1::8000 "$image")
 trap 'docker rm -f "$cid" >/dev/null 2>&1 || true' EXIT
-port=$(docker port "$cid" 8000/tcp | head -1 | sed 's/.*://')
+port=$(docker port "$cid" 8000/tcp | head -1 | sed 's/.*://') \
+    || fail "no port 8000 published (exited?): $(docker logs "$cid" 2>&1 | tail -3)"
 url="http://127.0.0.1:$port"
 ready=""
 for _ in $(seq 1 1800); do
     if [ -z "$ready" ] && curl -sf -o /dev/null "$url/health/ready"; then
         ready=$(since "$t0")
     fi
-    health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
-    [ "$health" = healthy ] && break
     [ "$(docker inspect -f '{{.State.Running}}' "$cid")" = true ] \
         || fail "the container exited: $(docker logs "$cid" 2>&1 | tail -3)"
+    health=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{end}}' "$cid")
+    [ -n "$health" ] || fail "the image has no health check"
+    [ "$health" = healthy ] && break
     sleep 0.1
 done
 [ "$health" = healthy ] || fail "not healthy after 180 s: $(docker logs "$cid" 2>&1 | tail -3)"
