@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pyproject ranges is fine (set TORCH_SPEC= to let pip choose).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv serve test lint bench clean client-python client-typescript
+.PHONY: venv serve test lint bench clean docker-smoke lock client-python client-typescript
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.serving
+
+# Build the image, run it read-only, detect on a photo, stop it, check the drain (needs Docker;
+# BASE_IMAGE, PIP_ARGS, BUILD_NETWORK pass through, see the README's Docker section).
+docker-smoke:
+	deploy/smoke.sh
+
+# Rewrite deploy/requirements/*.txt (the image's pinned, hashed packages) from pyproject.toml.
+lock: venv
+	$(BIN)/python deploy/lock.py
 
 # Clients generated from a running service's schema (README, "Generated clients").
 OPENAPI_URL ?= http://localhost:8000/openapi.json
