@@ -52,6 +52,18 @@ class BatchDetectionResult(BaseModel):
     results: list[DetectionResult] = Field(description="One result per upload, in upload order.")
 
 
+class WeightsSource(BaseModel):
+    """Where imported weights came from (absent for checkpoints that yolov1-train wrote)."""
+
+    format: str = Field(description="The source format.", examples=["darknet"])
+    cfg: str = Field(description="File name of the source cfg.", examples=["yolov1.cfg"])
+    cfg_sha256: str = Field(description="SHA-256 of the source cfg.")
+    weights: str = Field(
+        description="File name of the source weights.", examples=["yolov1.weights"]
+    )
+    weights_sha256: str = Field(description="SHA-256 of the source weights.")
+
+
 class BatchingInfo(BaseModel):
     max_batch_size: int = Field(description="Images per inference batch, at most.")
     lanes: int = Field(description="Batches that may run at once.")
@@ -80,6 +92,9 @@ class ModelInfo(BaseModel):
     conf_threshold: float = Field(description="Default `confidence` query parameter.")
     iou_threshold: float = Field(description="Default `iou` query parameter.")
     batching: BatchingInfo
+    source: WeightsSource | None = Field(
+        default=None, description="Where imported weights came from; null for trained ones."
+    )
 
 
 class Health(BaseModel):

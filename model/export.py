@@ -38,7 +38,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("grid", "boxes", "scores")
 # Part of the cache file name: bump it whenever the graph's inputs or outputs change, so that
 # an export in an older layout is never picked up.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: scores clamp both factors to [0, 1]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 Exporter = Callable[[Path, Path], Path]  # (weights, out) -> out

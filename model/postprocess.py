@@ -16,8 +16,9 @@ def candidates(pred: torch.Tensor, B: int, C: int) -> tuple[torch.Tensor, torch.
 
     Returns:
         ``boxes`` (N, S*S*B, 4) xyxy normalised to [0, 1] and clipped, and ``scores``
-        (N, S*S*B, C): ``conf * class_score`` with both factors clamped at 0 (the outputs are
-        linear, and two negatives must not make a positive score). The ONNX export computes
+        (N, S*S*B, C): ``conf * class_score`` with both factors clamped to [0, 1] (the outputs
+        are linear: two negatives must not make a positive score, and a score is a
+        probability, also for imported Darknet weights whose outputs overshoot 1). The ONNX export computes
         these in its graph with this same function.
     """
     N, S = pred.shape[0], pred.shape[1]
@@ -25,8 +26,8 @@ def candidates(pred: torch.Tensor, B: int, C: int) -> tuple[torch.Tensor, torch.
     pred = pred.float()
     boxes, conf = decode_predictions(pred, B, C)  # (N, S, S, B, 4), (N, S, S, B)
     boxes = boxes.reshape(N, M, 4).clamp(0, 1)  # (N, S*S*B, 4)
-    class_scores = pred[..., :C].clamp(min=0).unsqueeze(3)  # (N, S, S, 1, C)
-    scores = (conf.clamp(min=0).unsqueeze(-1) * class_scores).reshape(N, M, C)  # (N, S*S*B, C)
+    class_scores = pred[..., :C].clamp(0, 1).unsqueeze(3)  # (N, S, S, 1, C)
+    scores = (conf.clamp(0, 1).unsqueeze(-1) * class_scores).reshape(N, M, C)  # (N, S*S*B, C)
     return boxes, scores
 
 

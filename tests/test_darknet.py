@@ -347,3 +347,58 @@ def test_yolo_fastest_xl_finds_the_dog_and_the_bird():
     assert box_iou(dog["boxes"][k : k + 1], truth).item() > 0.6
     eagle = detect_yolo(net, load_image(SHARED / "images" / "eagle.jpg", 320), 0.3)[0]
     assert VOC_CLASSES[eagle["labels"][0]] == "bird" and eagle["scores"][0] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_service_serves_an_imported_checkpoint_on_onnxruntime(tmp_path, serve):
+    """End to end: import, serve on ONNX Runtime, and answer as the model does in process."""
+    import io
+
+    from PIL import Image
+
+    from app.inference import decode_image
+    from model.export import ensure_onnx
+    from model.postprocess import postprocess
+
+    cfg, weights, layers = make_files(tmp_path, YOLOV1_SMALL, (0, 2))
+    for key in ("weights", "biases"):  # outputs mostly inside (-1, 1): few tied scores of 1
+        layers[-2].params[key] *= 0.3
+    ref.write_weights(weights, layers, 0, 2)
+    out = tmp_path / "yolov1-darknet.safetensors"
+    import_darknet(cfg, weights, out)
+    pixels = np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")  # lossless and already 224 px: no resize
+    data = buffer.getvalue()
+
+    ensure_onnx(out)  # exported before startup, whose timeout a busy machine could overrun
+    model, _ = load_checkpoint(out)
+    image = torch.from_numpy(decode_image(data, 224, 10**8).pixels)[None]
+    with torch.no_grad():
+        (expected,) = postprocess(model(image), 3, 20, 0.05, 0.5, max_detections=100)
+
+    async with serve(weights=out, backend="onnxruntime") as (client, _):
+        info = (await client.get("/v1/model")).json()
+        assert info["boxes_per_cell"] == 3 and info["grid_size"] == 7
+        assert info["source"]["cfg"] == "model.cfg"
+        assert info["source"]["weights_sha256"] == read_metadata(out)["source"]["weights_sha256"]
+        r = await client.post(
+            "/v1/detect",
+            files={"image": ("x.png", data, "image/png")},
+            params={"confidence": 0.05, "max_detections": 100},
+        )
+    assert r.status_code == 200, r.text
+    found = r.json()["detections"]
+    assert len(found) == len(expected["scores"]) > 0
+    got = sorted(
+        (round(d["confidence"], 3), d["class_id"], *(d["box"][k] for k in ("x1", "y1", "x2", "y2")))
+        for d in found
+    )
+    want = sorted(
+        (round(s, 3), c, *(b * 224).tolist())
+        for s, c, b in zip(
+            expected["scores"].tolist(), expected["labels"].tolist(), expected["boxes"], strict=True
+        )
+    )
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=0.05)

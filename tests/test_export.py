@@ -123,7 +123,7 @@ def test_failed_export_leaves_no_file(tiny, tmp_path, monkeypatch):
 def test_cache_key_follows_the_weights_content(weights, tmp_path):
     first = cached_onnx_path(weights)
     assert first.parent == weights.parent
-    assert first.name.startswith("tiny.") and first.name.endswith(".v2.onnx")
+    assert first.name.startswith("tiny.") and first.name.endswith(f".v{EXPORT_VERSION}.onnx")
     assert cached_onnx_path(weights) == first
     assert cached_onnx_path(weights, tmp_path / "cache") == tmp_path / "cache" / first.name
     weights.write_bytes(b"version 2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from app.routes.deps import ServiceDep, require_api_key
-from app.schemas import NOT_READY, UNAUTHORIZED, BatchingInfo, ModelInfo
+from app.schemas import NOT_READY, UNAUTHORIZED, BatchingInfo, ModelInfo, WeightsSource
 
 PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8"}  # dtype -> precision
 
@@ -41,4 +41,9 @@ async def model_info(service: ServiceDep) -> ModelInfo:
             max_queue=s.max_queue,
             request_timeout_s=s.request_timeout_s,
         ),
+        source=WeightsSource(**_source_fields(meta["source"])) if "source" in meta else None,
     )
+
+
+def _source_fields(source: dict) -> dict:
+    return {k: source[k] for k in WeightsSource.model_fields}
