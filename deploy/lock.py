@@ -22,9 +22,10 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "deploy" / "requirements"
