@@ -613,10 +613,21 @@ class DarknetNetwork(nn.Module):
             return c, h * m.stride, w * m.stride
         return c, h, w  # dropout, shortcut, yolo keep the shape
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        outputs: list[torch.Tensor] = []
+    def forward(
+        self, images: torch.Tensor, start: int = 0, upto: int | None = None
+    ) -> list[torch.Tensor]:
+        """Run layers ``start..upto`` (default: all) and return the output layers' outputs.
+
+        ``start > 0``: ``images`` is the output of layer ``start - 1`` (a cached prefix; see
+        ``check_split``). ``upto``: stop after that layer and return ``[its output]``.
+        """
+        outputs: list[torch.Tensor | None] = [None] * start
+        if start:
+            outputs[start - 1] = images
         x = images
-        for layer in self.layers:
+        last = len(self.layers) - 1 if upto is None else upto
+        for index in range(start, last + 1):
+            layer = self.layers[index]
             if isinstance(layer, Route):
                 x = layer(outputs)
             elif isinstance(layer, Shortcut):
@@ -624,7 +635,23 @@ class DarknetNetwork(nn.Module):
             else:
                 x = layer(x)
             outputs.append(x)
+        if upto is not None:
+            return [x]
         return [outputs[i] for i in self.output_layers]
+
+    def check_split(self, start: int) -> None:
+        """Raise ``ValueError`` unless layers ``start..`` need no output before ``start - 1``."""
+        if not 0 < start < len(self.layers):
+            raise ValueError(f"cannot split at layer {start}: layers are 0..{len(self.layers) - 1}")
+        for index in range(start, len(self.layers)):
+            layer = self.layers[index]
+            sources = layer.layers if isinstance(layer, Route) else []
+            sources = [layer.source] if isinstance(layer, Shortcut) else sources
+            early = [i for i in sources if i < start - 1]
+            if early:
+                raise ValueError(
+                    f"cannot split at layer {start}: layer {index} reads layer(s) {early}"
+                )
 
     @torch.no_grad()
     def load_weights(self, path: str | Path) -> WeightsReader:

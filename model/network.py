@@ -166,6 +166,18 @@ class YOLOv1(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         if self.stem is not None:
             x = self.stem(x)
+        return self.head(x)
+
+    def stem_features(self, images: torch.Tensor, upto: int) -> torch.Tensor:
+        """The Darknet stem's layer ``upto`` output: what ``forward_from`` continues from."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        return self.stem.net(x, upto=upto)[0]
+
+    def forward_from(self, features: torch.Tensor, layer: int) -> torch.Tensor:
+        """``forward`` from the output of stem layer ``layer`` (cached features) onwards."""
+        return self.head(self.stem.net(features, start=layer + 1)[-1])
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.darknet(x)  # (N, channels, S, S)
         if self.local is not None:
             x = self.local(x)  # (N, filters, S, S)

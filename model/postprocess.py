@@ -18,8 +18,8 @@ def candidates(pred: torch.Tensor, B: int, C: int) -> tuple[torch.Tensor, torch.
         ``boxes`` (N, S*S*B, 4) xyxy normalised to [0, 1] and clipped, and ``scores``
         (N, S*S*B, C): ``conf * class_score`` with both factors clamped to [0, 1] (the outputs
         are linear: two negatives must not make a positive score, and a score is a
-        probability, also for imported Darknet weights whose outputs overshoot 1). The ONNX export computes
-        these in its graph with this same function.
+        probability, also for imported Darknet weights whose outputs overshoot 1). The ONNX
+        export computes these in its graph with this same function.
     """
     N, S = pred.shape[0], pred.shape[1]
     M = S * S * B  # boxes per image

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from tqdm import tqdm
 
 from model.boxes import encode_targets
@@ -38,6 +38,7 @@ from model.data import (
     read_datasets,
 )
 from model.evaluate import predict, resolve_device, score
+from model.feature_cache import load_or_compute
 from model.loss import YOLOv1Loss
 from model.metadata import architecture_of, read_metadata
 from model.network import YOLOv1, build_model
@@ -177,6 +178,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="folders of images without labels (a VOC root gives its --train-split images)",
     )  # fmt: skip
     p.add_argument("--label-cache", type=Path, help="teacher label cache (default: beside --out)")
+    p.add_argument(
+        "--cache-views", type=int, default=0,
+        help="train on cached --backbone features of this many views per image (plain, "
+        "mirrored, augmented); needs --train-from-layer",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-from-layer", type=int,
+        help="with --cache-views: the first backbone layer that trains (earlier ones are cached)",
+    )  # fmt: skip
     p.add_argument("--img-size", type=int, default=448, help="multiple of 64; S = img_size / 64")
     p.add_argument("--boxes-per-cell", type=int, default=2)
     p.add_argument("--epochs", type=int, default=135)
@@ -249,10 +259,14 @@ class Trainer:
         self.model.to(self.device)
         S, B = self.model.grid_size, self.model.boxes_per_cell
         self.criterion = YOLOv1Loss(S, B, C)
-        dataset = DetectionDataset(
-            train_ann, args.img_size, train=not args.no_augment, mosaic=args.mosaic
-        )
         generator = torch.Generator().manual_seed(args.seed)
+        self.cached_from = None
+        if args.cache_views:
+            dataset = self.cached_dataset(train_ann)
+        else:
+            dataset = DetectionDataset(
+                train_ann, args.img_size, train=not args.no_augment, mosaic=args.mosaic
+            )
         self.sampler = (
             DistributedSampler(dataset, seed=args.seed, drop_last=True)
             if self.world > 1
@@ -262,11 +276,11 @@ class Trainer:
             dataset,
             batch_size=args.batch_size,
             sampler=self.sampler,
-            num_workers=args.workers,
-            collate_fn=GridCollate(S, C),
+            num_workers=0 if self.cached_from is not None else args.workers,
+            collate_fn=None if self.cached_from is not None else GridCollate(S, C),
             drop_last=len(dataset) > args.batch_size * self.world,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=args.workers > 0,
+            persistent_workers=args.workers > 0 and self.cached_from is None,
         )
         stem = [] if self.model.stem is None else list(self.model.stem.parameters())
         stem_ids = {id(p) for p in stem}
@@ -367,12 +381,33 @@ class Trainer:
         }
         return train_ann + extra
 
+    def cached_dataset(self, train_ann: list[Annotation]) -> TensorDataset:
+        """--cache-views: the frozen stem prefix's features of every view, and their targets."""
+        a = self.args
+        if self.model.stem is None or a.train_from_layer is None:
+            raise ValueError("--cache-views needs --backbone and --train-from-layer")
+        if self.world > 1:
+            raise ValueError("--cache-views trains on one process only")
+        self.cached_from = a.train_from_layer - 1
+        for i, layer in enumerate(self.model.stem.net.layers):
+            for p in layer.parameters():
+                p.requires_grad_(i > self.cached_from)
+        start = time.perf_counter()
+        features, targets = load_or_compute(
+            a.out.parent / "features", self.model, train_ann, self.cached_from, a.cache_views,
+            a.seed, workers=a.workers, progress=not a.no_progress,
+        )  # fmt: skip
+        logger.info("features ready in %.1f s", time.perf_counter() - start)
+        return TensorDataset(features, targets)
+
     def set_backbone_frozen(self, frozen: bool) -> None:
         stem = self.model.stem
         if stem is None:
             return
-        for p in stem.parameters():
-            p.requires_grad_(not frozen)
+        first = 0 if self.cached_from is None else self.cached_from + 1
+        for layer in stem.net.layers[first:]:
+            for p in layer.parameters():
+                p.requires_grad_(not frozen)
         if frozen:
             stem.eval()  # BatchNorm statistics stay the pretrained ones
 
@@ -397,6 +432,8 @@ class Trainer:
                 "batch_size": a.batch_size * self.world,
                 "seed": a.seed,
                 "teacher": self.teacher_info,
+                "cache_views": a.cache_views,
+                "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
                 "val_map50_all": None if val is None else val["map50_all"],
@@ -462,7 +499,10 @@ class Trainer:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                pred = net(images)
+                if self.cached_from is None:
+                    pred = net(images)
+                else:  # images are the stem's cached features (float16 on disk)
+                    pred = self.model.forward_from(images.float(), self.cached_from)
             terms = self.criterion.terms(pred.float(), targets)
             loss = sum(terms.values())
             if not torch.isfinite(loss):

@@ -1,0 +1,123 @@
+"""Train on cached backbone features: a frozen Darknet stem prefix runs once per image view.
+
+On two CPU cores a pretrained backbone's forward and backward cost far more than the YOLOv1
+head, so with ``--cache-views V`` the stem's layers ``0..L`` (``--train-from-layer L + 1``) run
+once, in eval mode, on V views of every training image: the plain resize, its mirror image,
+and V - 2 views through the training augmentation (scale, translation, colour, flip). Each view's
+boxes move with its pixels, through the same torchvision pipeline as annotated boxes, and are
+encoded as the view's target grid. Training then runs the remaining stem layers and the head on
+these features. The cache is a safetensors file keyed by everything that changes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from model.boxes import encode_targets
+from model.data import Annotation, DetectionDataset, Sample, detection_collate
+from model.network import YOLOv1, fold_batchnorm
+
+logger = logging.getLogger(__name__)
+
+
+def view_datasets(
+    annotations: Sequence[Annotation], image_size: int, views: int
+) -> list[Dataset[Sample]]:
+    """One dataset per view: plain, mirrored, then ``views - 2`` augmented ones."""
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    mirrored = v2.Compose(
+        [
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.RandomHorizontalFlip(p=1.0),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    datasets: list[Dataset[Sample]] = [DetectionDataset(annotations, image_size, train=False)]
+    if views > 1:
+        datasets.append(DetectionDataset(annotations, image_size, False, transform=mirrored))
+    datasets += [DetectionDataset(annotations, image_size, train=True)] * (views - 2)
+    return datasets
+
+
+def cache_key(model: YOLOv1, annotations: Sequence[Annotation], layer: int, views: int, seed: int):
+    """A digest of the stem's weights, the images and their boxes, the layer, views and seed."""
+    digest = hashlib.sha256()
+    state = model.stem.net.state_dict()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    for ann in annotations:
+        digest.update(str(ann.image_path).encode())
+        digest.update(ann.boxes.numpy().tobytes() + ann.labels.numpy().tobytes())
+    digest.update(json.dumps([layer, views, seed, model.image_size]).encode())
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def compute_features(
+    model: YOLOv1,
+    annotations: Sequence[Annotation],
+    layer: int,
+    views: int,
+    seed: int,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (V*N, c, h, w) float16 of stem layer ``layer`` and targets (V*N, S, S, C+5)."""
+    model.stem.net.check_split(layer + 1)
+    frozen = fold_batchnorm(model).eval()
+    S, C = model.grid_size, model.num_classes
+    dataset = ConcatDataset(view_datasets(annotations, model.image_size, views))
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset, batch_size, num_workers=workers, collate_fn=detection_collate,
+        generator=generator, worker_init_fn=_seed_worker,
+    )  # fmt: skip
+    features, targets = [], []
+    for images, batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+        features.append(frozen.stem_features(images, layer).half())
+        for t in batch:  # difficult objects are not targets, as in training
+            keep = ~t["difficult"]
+            targets.append(encode_targets(t["boxes"][keep], t["labels"][keep], S, C))
+    return torch.cat(features), torch.stack(targets)
+
+
+def _seed_worker(worker_id: int) -> None:
+    torch.manual_seed(torch.initial_seed() % 2**31 + worker_id)
+
+
+def load_or_compute(
+    path_dir: Path,
+    model: YOLOv1,
+    annotations: Sequence[Annotation],
+    layer: int,
+    views: int,
+    seed: int,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute_features``, cached in ``path_dir/features-<key16>.safetensors``."""
+    path = Path(path_dir) / f"features-{cache_key(model, annotations, layer, views, seed)[:16]}"
+    path = path.with_suffix(".safetensors")
+    if path.is_file():
+        tensors = load_file(str(path))
+        logger.info("features: reusing %s (%d views)", path, len(tensors["targets"]))
+        return tensors["features"], tensors["targets"]
+    features, targets = compute_features(model, annotations, layer, views, seed, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"features": features, "targets": targets}, str(tmp))
+    tmp.replace(path)
+    logger.info("features: %d views of layer %d cached in %s", len(targets), layer, path)
+    return features, targets
