@@ -25,6 +25,7 @@ from model.export import cached_onnx_path, ensure_onnx
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
 DOCKER_STOP_TIMEOUT_S = 10  # `docker stop` / `docker run` default
+START_PERIOD_S = int(re.search(r"--start-period=(\d+)s", (REPO / "Dockerfile").read_text())[1])
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +288,11 @@ def test_kubernetes_deployment_agrees_with_the_service(name, defaults):
         probe = c[kind]
         assert client.get(probe["httpGet"]["path"]).status_code in (200, 503), kind
         assert probe["httpGet"]["port"] == named["name"]
-        assert probe["timeoutSeconds"] < probe["periodSeconds"] or kind != "livenessProbe"
+        if kind != "startupProbe":  # a slow answer must not overlap the next probe
+            assert probe["timeoutSeconds"] < probe["periodSeconds"], kind
+    # The startup budget covers at least the image's health-check start period.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= START_PERIOD_S
     # The grace period covers the preStop pause and the whole drain.
     pause = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = float(env.get("YOLOV1_DRAIN_TIMEOUT_S", defaults.drain_timeout_s))
