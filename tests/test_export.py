@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from model import build_model, save_checkpoint
-from model.export import cached_onnx_path, ensure_onnx, export_in_subprocess, export_onnx
+from model.export import (
+    EXPORT_VERSION,
+    cached_onnx_path,
+    ensure_onnx,
+    export_in_subprocess,
+    export_onnx,
+)
 from model.postprocess import candidates
 
 IMAGE_SIZE = 128  # yolov1-tiny at 128 px: S = 2, fast enough to export in every run

@@ -1,0 +1,246 @@
+"""Teacher-student training: labels of unlabelled images, their caches, the trainer's CLI."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import make_voc, write_image
+
+from model.checkpoint import load_checkpoint
+from model.config import VOC_CLASSES
+from model.darknet import load_darknet
+from model.data import DetectionDataset
+from model.feature_cache import compute_features
+from model.teacher import (
+    Teacher,
+    class_mapping,
+    fill_unlabelled_objects,
+    label_images,
+    list_unlabeled,
+    teacher_annotation,
+)
+from model.train import get_args_parser, main
+
+# A tiny [yolo] detector: 64 px in, stride 32 after layer 4 (2x2), 3 anchors x (20 + 5).
+TINY_YOLO = """
+[net]
+width=64
+height=64
+channels=3
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=2
+pad=1
+activation=leaky
+[convolutional]
+filters=75
+size=1
+stride=1
+pad=1
+activation=linear
+[yolo]
+mask=0,1,2
+anchors=10,14,23,27,37,58
+classes=20
+num=3
+scale_x_y=1.05
+"""
+
+
+def write_tiny_yolo(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The cfg and random weights in Darknet's layout (header 0.2.0, 64-bit seen)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "tiny.cfg"
+    cfg.write_text(TINY_YOLO)
+    rng = np.random.default_rng(seed)
+    values = []
+    for c_in, n, k, bn in ((3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 75, 1, False)):
+        values.append(rng.normal(0, 0.1, n))  # biases
+        if bn:
+            values += [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)]
+        values.append(rng.normal(0, np.sqrt(2 / (c_in * k * k)), n * c_in * k * k))
+    weights = folder / "tiny.weights"
+    header = np.array([0, 2, 0], "<i4").tobytes() + np.array([0], "<i8").tobytes()
+    weights.write_bytes(header + np.concatenate(values).astype("<f4").tobytes())
+    return cfg, weights
+
+
+class CountingTeacher:
+    """A teacher whose detections are fixed, counting how many images it was asked about."""
+
+    sha256 = "ab" * 32
+    input_size = (32, 32)
+    class_names = list(VOC_CLASSES)
+
+    def __init__(self):
+        self.seen = 0
+
+    def detect(self, images: torch.Tensor, threshold: float) -> list[dict[str, torch.Tensor]]:
+        self.seen += len(images)
+        det = {
+            "boxes": torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, 0.9, 0.9]]),
+            "scores": torch.tensor([0.9, 0.2]),
+            "labels": torch.tensor([11, 14]),  # dog, person
+        }
+        return [det for _ in range(len(images))]
+
+
+def test_class_mapping_by_name_and_superset_check():
+    assert class_mapping(["cat", "dog", "cow"], ["dog", "cat"]) == [1, 0, -1]
+    with pytest.raises(ValueError, match=r"not a superset.*\['raccoon'\]"):
+        class_mapping(list(VOC_CLASSES), ["dog", "raccoon"])
+
+
+def test_list_unlabeled_skips_broken_files_and_keeps_a_voc_roots_train_split(tmp_path, caplog):
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    write_image(folder / "a.png", 40, 30, [])
+    write_image(folder / "b.jpg", 40, 30, [])
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    items = {f"v{k}": (50, 40, [("cat", 2, 2, 20, 20, 0)]) for k in range(3)}
+    voc = make_voc(tmp_path / "voc", items)
+    for k in range(3):
+        write_image(voc / "JPEGImages" / f"v{k}.png", 50, 40, [])
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("v0\nv2\n")
+    with caplog.at_level(logging.WARNING):
+        paths = list_unlabeled([tmp_path / "photos", voc])
+    assert [p.name for p in paths] == ["a.png", "b.jpg", "v0.png", "v2.png"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "broken.jpg" in warnings[0].getMessage()
+
+
+def test_labels_are_cached_by_teacher_and_image_content(tmp_path):
+    images = []
+    for k in range(3):
+        path = tmp_path / f"i{k}.png"
+        write_image(path, 40 + k, 30, [(k, 0, 10 + k, 10)])
+        images.append(path)
+    teacher = CountingTeacher()
+    first = label_images(teacher, images, tmp_path / "cache", batch_size=2, progress=False)
+    assert teacher.seen == 3 and first[images[1]]["size"] == [41, 30]
+    again = label_images(teacher, images, tmp_path / "cache", batch_size=2, progress=False)
+    assert teacher.seen == 3 and again == first
+    write_image(images[0], 40, 30, [(5, 5, 20, 20)])  # new content: labelled again
+    label_images(teacher, images, tmp_path / "cache", batch_size=2, progress=False)
+    assert teacher.seen == 4
+
+
+def test_teacher_annotation_scales_to_pixels_and_thresholds():
+    labels = {"boxes": [[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, 0.9, 0.9]], "scores": [0.9, 0.2],
+              "labels": [11, 14], "size": [200, 100]}  # fmt: skip
+    mapping = class_mapping(VOC_CLASSES, VOC_CLASSES)
+    ann = teacher_annotation(Path("x.jpg"), labels, mapping, threshold=0.3)
+    torch.testing.assert_close(ann.boxes, torch.tensor([[20.0, 20.0, 100.0, 60.0]]))
+    assert ann.labels.tolist() == [11] and not ann.difficult.any()
+    empty = teacher_annotation(Path("x.jpg"), labels, mapping, threshold=0.95)
+    assert empty.boxes.shape == (0, 4)  # a negative image, kept
+
+
+def test_fill_adds_only_teacher_boxes_that_overlap_no_annotation():
+    labels = {"boxes": [[0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]], "scores": [0.9, 0.9],
+              "labels": [11, 14], "size": [100, 100]}  # fmt: skip
+    teacher_ann = teacher_annotation(Path("x"), labels, list(range(20)), 0.3)
+    annotated = {**labels, "boxes": [[0.12, 0.1, 0.5, 0.52]], "scores": [1.0], "labels": [7]}
+    truth = teacher_annotation(Path("x"), annotated, list(range(20)), 0.3)
+    filled = fill_unlabelled_objects(truth, teacher_ann)
+    assert filled.labels.tolist() == [7, 14]  # the overlapping dog is the annotated cat
+
+
+def test_negative_images_give_an_empty_target(tmp_path):
+    write_image(tmp_path / "n.png", 64, 64, [])
+    labels = {"boxes": [], "scores": [], "labels": [], "size": [64, 64]}
+    ann = teacher_annotation(tmp_path / "n.png", labels, list(range(20)), 0.3)
+    image, target = DetectionDataset([ann], 64, train=True)[0]
+    assert image.shape == (3, 64, 64) and target["boxes"].shape == (0, 4)
+
+
+def test_darknet_teacher_loads_and_detects(tmp_path):
+    cfg, weights = write_tiny_yolo(tmp_path)
+    teacher = Teacher(cfg, weights)
+    assert teacher.input_size == (64, 64) and len(teacher.sha256) == 64
+    (det,) = teacher.detect(torch.rand(1, 3, 64, 64), threshold=0.0)
+    assert det["boxes"].shape[1] == 4 and (det["scores"][:-1] >= det["scores"][1:]).all()
+    with pytest.raises(ValueError, match="3 names were given"):
+        Teacher(cfg, weights, ["a", "b", "c"])
+
+
+def test_cached_features_match_the_live_stem_and_views_mirror_boxes(tmp_path):
+    from model.network import YOLOv1
+    from model.train import backbone_arch
+
+    cfg, weights = write_tiny_yolo(tmp_path)
+    model = YOLOv1(backbone_arch(cfg, 4), 20, 2, 64, mean=(0, 0, 0), std=(1, 1, 1)).eval()
+    model.stem.net.load_state_dict(load_darknet(cfg, weights, upto=4).state_dict())
+    write_image(tmp_path / "a.png", 64, 64, [(0, 0, 16, 32)])
+    labels = {"boxes": [[0.0, 0.0, 0.25, 0.5]], "scores": [0.9], "labels": [3], "size": [64, 64]}
+    ann = teacher_annotation(tmp_path / "a.png", labels, list(range(20)), 0.3)
+    features, targets = compute_features(model, [ann], 3, views=2, seed=0, workers=0,
+                                         progress=False)  # fmt: skip
+    assert features.shape == (2, 8, 4, 4) and targets.shape == (2, 2, 2, 25)
+    # The plain view: the cached features continue to the same grid as the live network.
+    image, _ = DetectionDataset([ann], 64, train=False)[0]
+    with torch.no_grad():
+        live = model(image[None])
+        cached = model.forward_from(features[:1].float(), 3)
+    torch.testing.assert_close(cached, live, atol=2e-2, rtol=1e-2)  # float16 features
+    # The mirrored view's box is the plain one's mirror image: cell (0, 0) -> cell (0, 1).
+    assert targets[0, 0, 0, 20] == 1 and targets[1, 0, 1, 20] == 1 and targets[1, 0, 0, 20] == 0
+
+
+@pytest.mark.slow
+def test_train_with_teacher_backbone_and_cached_features(tmp_path):
+    cfg, weights = write_tiny_yolo(tmp_path / "teacher")
+    items = {f"img{k}": (64, 64, [("dog", 5 + k, 5, 40, 50, 0)]) for k in range(4)}
+    voc = make_voc(tmp_path / "voc", items)
+    for image_id in items:
+        write_image(voc / "JPEGImages" / f"{image_id}.png", 64, 64, [(4, 4, 40, 50)])
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("img0\n")
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for k in range(3):
+        write_image(unlabeled / f"u{k}.png", 80, 60, [(10, 10, 30, 30)])
+    out = tmp_path / "run" / "w.safetensors"
+    args = get_args_parser().parse_args(
+        ["--data", str(voc), "--img-size", "64", "--epochs", "2", "--batch-size", "4",
+         "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0", "--no-progress",
+         "--backbone", str(cfg), str(weights), "--backbone-layer", "4",
+         "--teacher", str(cfg), str(weights), "--teacher-threshold", "0.0",
+         "--unlabeled", str(unlabeled), "--cache-views", "3", "--train-from-layer", "4",
+         "--freeze-backbone-epochs", "1", "--out", str(out)]
+    )  # fmt: skip
+    best = main(args)
+    model, meta = load_checkpoint(best)
+    assert meta["grid_size"] == 2 and meta["architecture"]["darknet_cfg"].startswith("[net]")
+    assert meta["training"]["teacher"]["unlabeled_images"] == 3
+    assert meta["input"]["mean"] == [0.0, 0.0, 0.0]
+    # The pretrained layers before --train-from-layer are the teacher's, untouched.
+    teacher = load_darknet(cfg, weights)
+    torch.testing.assert_close(model.stem.net.layers[0].conv.weight, teacher.layers[0].conv.weight)
+    assert len(list((tmp_path / "run" / "features").glob("features-*.safetensors"))) == 1
