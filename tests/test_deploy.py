@@ -199,6 +199,7 @@ def test_compose_service_agrees_with_settings(compose, defaults):
     for name in ("yolov1", "yolov1-gpu", "replica"):
         model = compose["services"][name]
         assert model["read_only"] is True and "/tmp" in model["tmpfs"]
+        assert model["cap_drop"] == ["ALL"]
         # Nothing mounted over the baked weights and their export.
         assert not model.get("volumes"), f"{name} mounts {model.get('volumes')}"
 
