@@ -244,3 +244,20 @@ def test_train_with_teacher_backbone_and_cached_features(tmp_path):
     teacher = load_darknet(cfg, weights)
     torch.testing.assert_close(model.stem.net.layers[0].conv.weight, teacher.layers[0].conv.weight)
     assert len(list((tmp_path / "run" / "features").glob("features-*.safetensors"))) == 1
+
+
+def test_one_of_our_checkpoints_can_teach(tmp_path, weights):
+    from model.postprocess import postprocess
+    from model.teacher import load_teacher
+
+    teacher = load_teacher([weights])
+    assert teacher.class_names == list(VOC_CLASSES) and teacher.input_size == (128, 128)
+    write_image(tmp_path / "a.png", 128, 128, [(10, 10, 90, 90)])
+    labels = label_images(teacher, [tmp_path / "a.png"], tmp_path / "cache", progress=False)
+    image, _ = DetectionDataset([teacher_annotation(tmp_path / "a.png", {
+        "boxes": [], "scores": [], "labels": [], "size": [128, 128]}, list(range(20)), 0.3)],
+        128, train=False)[0]  # fmt: skip
+    model, _ = load_checkpoint(weights)
+    with torch.no_grad():
+        (expected,) = postprocess(model(image[None]), 2, 20, 0.05, 0.45)
+    assert labels[tmp_path / "a.png"]["labels"] == expected["labels"].tolist()
