@@ -86,13 +86,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=Path, required=True, help="a .safetensors checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"))
+    parser.add_argument("--calibration-data", nargs="+", type=Path, default=[])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    detector = Detector.load(args.weights, resolve_device(args.device), args.backend)
+    detector = Detector.load(
+        args.weights, resolve_device(args.device), args.backend,
+        precision=args.precision, calibration_data=args.calibration_data,
+    )  # fmt: skip
     detector.warm_up()
     app = create_naive_app(detector)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")

@@ -186,8 +186,12 @@ def time_in_process(
     batch_sizes: list[int],
     jpegs: list[bytes],
     images_per_row: int,
+    precision: str = "auto",
+    calibration_data: list[Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Forward only and end to end, per backend and batch size; one dict per row.
+
+    ``precision`` applies to the onnxruntime backend (the torch one computes in float32).
 
     End to end is ``decode_image`` per JPEG (draft mode included), ``Detector`` (stack,
     forward, postprocess per image) and ``to_pixels``: what the service does to a batch.
@@ -200,7 +204,10 @@ def time_in_process(
     # float of a decoded image) ~100x slower, which would flatter the service.
     worker = ThreadPoolExecutor(1, thread_name_prefix="bench")
     for name in backends:
-        backend = create_backend(name, weights, metadata, device)
+        backend = create_backend(
+            name, weights, metadata, device, calibration_data=calibration_data or (),
+            precision=precision if name == "onnxruntime" else "fp32",
+        )  # fmt: skip
         detector = Detector(backend, metadata, weights, version="benchmark")
         for batch_size in batch_sizes:
             calls = max(2, math.ceil(images_per_row / batch_size))
@@ -212,6 +219,7 @@ def time_in_process(
                 row = {
                     "backend": name,
                     "device": backend.device,  # onnxruntime may fall back to the CPU
+                    "dtype": backend.dtype,
                     "mode": mode,
                     "batch_size": batch_size,
                     **_throughput(batch_size, *worker.submit(_timed_calls, call, calls).result()),
@@ -505,6 +513,8 @@ def server_commands(
         "YOLOV1_WEIGHTS": str(weights),
         "YOLOV1_DEVICE": args.device,
         "YOLOV1_BACKEND": args.service_backend,
+        "YOLOV1_PRECISION": args.precision,
+        **calibration_env(args),
         **{f"YOLOV1_{key.upper()}": value for key, value in args.set},
     }
     return {
@@ -516,10 +526,19 @@ def server_commands(
         "naive": (
             [sys.executable, "-m", "benchmarks.naive_server", "--weights", str(weights),
              "--device", args.device, "--backend", args.naive_backend or args.service_backend,
-             "--port", str(port)],
+             "--port", str(port), "--precision", args.precision,
+             *(["--calibration-data", *map(str, args.calibration_data)]
+               if args.calibration_data else [])],
             base_env,
         ),
     }  # fmt: skip
+
+
+def calibration_env(args: argparse.Namespace) -> dict[str, str]:
+    """YOLOV1_CALIBRATION_DATA for --calibration-data (int8 of weights without training data)."""
+    if not args.calibration_data:
+        return {}
+    return {"YOLOV1_CALIBRATION_DATA": ",".join(str(p) for p in args.calibration_data)}
 
 
 def bench_servers(
@@ -645,7 +664,9 @@ def format_report(results: dict[str, Any]) -> str:
             if (r["backend"], r["mode"]) == (backend, mode)
         }
         row = " | ".join(_fmt(cells.get(b)) for b in batch_sizes)
-        lines.append(f"| {backend} {mode.replace('_', ' ')} | {row} |")
+        dtype = next(r.get("dtype") for r in results["in_process"] if r["backend"] == backend)
+        tag = f" ({dtype})" if dtype == "int8" else ""
+        lines.append(f"| {backend}{tag} {mode.replace('_', ' ')} | {row} |")
     if results.get("decode"):
         lines += ["", format_decode(results["decode"])]
     lines += [
@@ -656,7 +677,9 @@ def format_report(results: dict[str, Any]) -> str:
     ]
     for name, server in results["servers"].items():
         rss = server["peak_rss_bytes"] / MB if server["peak_rss_bytes"] else None
-        label = f"{name} ({server['model'].get('backend', '?')})"
+        model = server["model"]
+        int8 = " int8" if model.get("dtype") == "int8" else ""
+        label = f"{name} ({model.get('backend', '?')}{int8})"
         for row in server["rows"]:
             lat = row["latency_ms"]
             lines.append(
@@ -766,6 +789,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("auto", "torch", "onnxruntime"),
         help="backend of the naive server (default: the service's, so only serving differs)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "int8"),
+        default="auto",
+        help="of the onnxruntime engine, in process and in both servers (YOLOV1_PRECISION)",
+    )
+    parser.add_argument(
+        "--calibration-data",
+        nargs="+",
+        type=Path,
+        help="int8: calibration folders (default: the checkpoint's training data; with --arch, "
+        "../shared/datasets/voc2007_subset)",
+    )
     add_setting_argument(parser, "MAX_WAIT_MS=5")
     parser.add_argument("--threads", type=int, help="CPU threads for torch/onnxruntime")
     parser.add_argument("--startup-timeout-s", type=float, default=600)
@@ -810,9 +846,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         (workdir / "large.jpg").write_bytes(large)
 
         logger.info("in process: %s at batch sizes %s", backends, args.batch_sizes)
+        if args.arch is not None and not args.calibration_data:
+            args.calibration_data = [REPO_ROOT.parent / "shared" / "datasets" / "voc2007_subset"]
         in_process = time_in_process(
-            weights, device, backends, args.batch_sizes, uploads, args.inproc_images
-        )
+            weights, device, backends, args.batch_sizes, uploads, args.inproc_images,
+            args.precision, args.calibration_data,
+        )  # fmt: skip
         decode = (
             time_decode(large, metadata["image_size"], args.decode_repeats)
             if args.decode_repeats
