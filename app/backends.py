@@ -444,6 +444,7 @@ def create_backend(
     by default the training folders the checkpoint records.
     """
     resolved = resolve_backend_name(name, device)
+    asked = precision
     precision = resolve_precision(precision, resolved, device, metadata, quantize)
     if precision == "int8" and (resolved != "onnxruntime" or device != "cpu" or half):
         raise ValueError(
@@ -465,8 +466,14 @@ def create_backend(
             raise ValueError(
                 f"half precision needs the torch backend on CUDA, got {name!r} on {device}"
             )
+        data = list(calibration_data) or training_data(metadata)
+        if precision == "int8" and asked == "auto":
+            try:  # chosen, not asked for: without an engine or the data to make one, float32
+                ensure_int8(weights_path, data, quantize, cache_dir, sha256=sha256)
+            except (ValueError, RuntimeError, OSError) as exc:
+                logger.warning("serving float32, not the recorded int8 default: %s", exc)
+                precision = "fp32"
         if precision == "int8":
-            data = list(calibration_data) or training_data(metadata)
 
             def engine(replace: bool) -> Path:
                 return ensure_int8(

@@ -293,6 +293,26 @@ def test_auto_precision_follows_the_recorded_gate():
         resolve_precision("int4", "onnxruntime", "cpu", {}, settings)
 
 
+@pytest.mark.slow
+def test_a_recorded_int8_default_falls_back_to_float32_without_data(
+    tiny_weights, calibration_dir, tmp_path, caplog
+):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(tiny_weights.read_bytes())
+    update_metadata(weights, int8={"default": True, "settings": asdict(QuantizeSettings())})
+    meta = read_metadata(weights)  # no training data recorded: nothing to calibrate on
+    backend = create_backend("onnxruntime", weights, meta, "cpu", precision="auto")
+    assert backend.dtype == "float32"
+    assert "serving float32, not the recorded int8 default" in caplog.text
+    backend = create_backend(
+        "onnxruntime", weights, meta, "cpu", precision="auto", calibration_data=[calibration_dir]
+    )
+    assert backend.dtype == "int8"
+    with pytest.raises(ValueError, match="calibration folder"):  # asked for: an error
+        create_backend("onnxruntime", weights, meta, "cpu", precision="int8",
+                       quantize=QuantizeSettings(images=5))  # fmt: skip
+
+
 def test_int8_needs_onnxruntime_on_the_cpu(tiny_weights):
     meta = read_metadata(tiny_weights)
     with pytest.raises(ValueError, match="int8 needs the onnxruntime backend on the CPU"):
