@@ -164,7 +164,11 @@ def format_table(result: dict[str, Any], class_names: list[str]) -> str:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("yolov1-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, type=Path, help="a .safetensors checkpoint")
+    parser.add_argument("--weights", type=Path, help="a .safetensors checkpoint")
+    parser.add_argument(
+        "--teacher", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"),
+        help="score a Darknet [yolo] detector (VOC classes) instead of --weights",
+    )  # fmt: skip
     parser.add_argument("--data", required=True, nargs="+", type=Path, help="dataset root(s)")
     parser.add_argument("--format", choices=("voc", "yolo"), default="voc")
     parser.add_argument("--split", default="val")
@@ -193,7 +197,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main_teacher(args: argparse.Namespace) -> dict[str, Any]:
+    """Score a Darknet detector on the same data, with the same matching, as a checkpoint."""
+    from model.teacher import load_teacher, predict_teacher
+
+    teacher = load_teacher(args.teacher)
+    annotations = read_datasets(args.data, args.format, args.split, teacher.class_names)
+    start = time.perf_counter()
+    predictions = predict_teacher(teacher, annotations)
+    elapsed = time.perf_counter() - start
+    result = score(predictions, annotations, len(teacher.class_names))
+    result.update(images=len(annotations), images_per_s=len(annotations) / elapsed,
+                  teacher=teacher.describe(), split=args.split)  # fmt: skip
+    print(format_table(result, teacher.class_names))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.teacher:
+        return main_teacher(args)
+    if args.weights is None:
+        raise ValueError("give --weights (or --teacher CFG WEIGHTS)")
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.weights, device)
     class_names = meta["class_names"]

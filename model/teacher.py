@@ -248,3 +248,18 @@ def fill_unlabelled_objects(
         labels=torch.cat([annotation.labels, teacher_ann.labels[new]]),
         difficult=torch.cat([annotation.difficult, teacher_ann.difficult[new]]),
     )
+
+
+def predict_teacher(
+    teacher: Teacher, annotations: Sequence[Annotation], conf_threshold: float = 0.005
+) -> list[dict[str, torch.Tensor]]:
+    """The teacher's detections of annotated images, boxes in each image's pixels (xyxy), for
+    scoring it as ``yolov1-eval`` scores a checkpoint (plain resize, RGB in [0, 1])."""
+    results = []
+    for ann in tqdm(annotations, desc="teacher eval", leave=False):
+        image, width, height = _load_for_teacher(ann.image_path, teacher.input_size)
+        (det,) = teacher.detect(image[None], conf_threshold)
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        results.append({"boxes": det["boxes"] * scale, "scores": det["scores"],
+                        "labels": det["labels"]})  # fmt: skip
+    return results
