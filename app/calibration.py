@@ -89,10 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default=defaults.split)
     parser.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="minmax")
     parser.add_argument("--no-reduce-range", dest="reduce_range", action="store_false")
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
     try:
-        settings = QuantizeSettings(args.images, args.split, args.method, args.reduce_range)
+        settings = QuantizeSettings(
+            args.images, args.split, args.method, args.reduce_range, args.equalize
+        )
         data = args.data or training_data(read_metadata(args.weights))
         out = args.out or args.weights.parent / int8_file_name(args.weights, settings, data)
         print(quantize_weights(args.weights, out, data, settings))

@@ -233,6 +233,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-images", type=int, default=QuantizeSettings().images)
     parser.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="minmax")
     parser.add_argument("--no-reduce-range", dest="reduce_range", action="store_false")
+    parser.add_argument("--no-equalize", dest="equalize", action="store_false")
     parser.add_argument("--eval-data", type=Path, default=DEFAULT_EVAL_DATA)
     parser.add_argument("--split", default="val")
     parser.add_argument("--no-gate", dest="gate", action="store_false", help="speed only")
@@ -254,7 +255,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for noisy in ("onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = QuantizeSettings(
-        args.calibration_images, "train", args.method, reduce_range=args.reduce_range
+        args.calibration_images, "train", args.method, args.reduce_range, args.equalize
     )
     if args.record and (args.weights is None or settings != QuantizeSettings()):
         sys.exit("benchmarks.quantize: --record needs --weights and the service's int8 settings")

@@ -60,6 +60,9 @@ class QuantizeSettings:
     # products in int16 (vpmaddubsw), which saturates past 32767: 255 * 127 * 2 does, 255 * 63 * 2
     # does not. VNNI sums in int32 and needs no reduced range; the engine may run on either.
     reduce_range: bool = True
+    # Cross-layer equalization first (see equalize_convolutions): float output unchanged, and
+    # per-tensor activation ranges no longer set by a few wide channels (depthwise convs).
+    equalize: bool = True
 
     def __post_init__(self) -> None:
         if self.images < 1:
@@ -114,6 +117,84 @@ def _voc_image(root: Path, image_id: str) -> Path | None:
 
 
 # ---- quantization ---------------------------------------------------------------------------
+
+# Between two convolutions these commute with a positive per-channel scale: f(s * x) = s * f(x).
+_POSITIVE_HOMOGENEOUS = ("Relu", "LeakyRelu", "MaxPool")
+
+
+def equalize_convolutions(model: onnx.ModelProto, iterations: int = 4) -> int:
+    """Cross-layer equalization (Nagel et al., "Data-Free Quantization", ICCV 2019), in place.
+
+    For each pair ``Conv1 -> [Relu | LeakyRelu | MaxPool]* -> Conv2`` whose intermediate
+    tensors have no other reader, output channel i of Conv1 (weights and bias) is divided by
+    ``s_i`` and input channel i of Conv2 multiplied by it, with ``s_i = sqrt(r1_i / r2_i)``
+    (``r``: the channel's largest absolute weight), so that both ranges become
+    ``sqrt(r1_i * r2_i)``. The float function is unchanged; what changes is that no channel's
+    weights or activations are far wider than its neighbours', which per-tensor activation
+    scales (and the 8 bits they share) cannot serve. Conv2 may be dense or depthwise (one
+    filter per channel). Returns the number of pairs.
+    """
+    from onnx import numpy_helper
+
+    weights = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {out.name for out in model.graph.output}
+
+    def only_reader(tensor: str) -> onnx.NodeProto | None:
+        found = readers.get(tensor, [])
+        return found[0] if len(found) == 1 and tensor not in graph_outputs else None
+
+    def group(node: onnx.NodeProto) -> int:
+        return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+    def owned(node: onnx.NodeProto, index: int) -> bool:  # an initializer this node alone reads
+        name = node.input[index] if len(node.input) > index else ""
+        return name in weights and len(readers.get(name, [])) == 1
+
+    pairs = []
+    for first in model.graph.node:
+        if first.op_type != "Conv" or not owned(first, 1) or len(weights[first.input[1]].dims) != 4:
+            continue
+        second = only_reader(first.output[0])
+        while second is not None and second.op_type in _POSITIVE_HOMOGENEOUS:
+            second = only_reader(second.output[0])
+        if second is None or second.op_type != "Conv" or not owned(second, 1):
+            continue
+        if len(weights[second.input[1]].dims) != 4:  # 2-D convolutions only
+            continue
+        w2_shape = weights[second.input[1]].dims  # (C_out, C_in / group, k, k)
+        depthwise = group(second) > 1
+        if depthwise and not (group(second) == w2_shape[0] and w2_shape[1] == 1):
+            continue  # grouped with several channels per group: channels do not map one to one
+        pairs.append((first, second, depthwise))
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(weights[name]).astype(np.float32)
+
+    def store(name: str, value: np.ndarray) -> None:
+        weights[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+    for _ in range(iterations):  # each pair's scales move its neighbours' ranges: repeat
+        for first, second, depthwise in pairs:
+            w1, w2 = array(first.input[1]), array(second.input[1])
+            r1 = np.abs(w1.reshape(w1.shape[0], -1)).max(axis=1)  # (C,)
+            per_input = w2 if depthwise else w2.swapaxes(0, 1)  # (C, ...)
+            r2 = np.abs(per_input.reshape(per_input.shape[0], -1)).max(axis=1)  # (C,)
+            if r1.shape != r2.shape:
+                continue
+            usable = (r1 > 0) & (r2 > 0)
+            scale = np.where(usable, np.sqrt(r1 / np.where(usable, r2, 1)), 1.0)  # (C,)
+            store(first.input[1], w1 / scale.reshape(-1, 1, 1, 1))
+            if depthwise:
+                store(second.input[1], w2 * scale.reshape(-1, 1, 1, 1))
+            else:
+                store(second.input[1], w2 * scale.reshape(1, -1, 1, 1))
+            if owned(first, 2):
+                store(first.input[2], array(first.input[2]) / scale)
+    return len(pairs)
 
 
 def network_nodes(model: onnx.ModelProto, output: str = "grid") -> list[str]:
@@ -170,6 +251,8 @@ def quantize_onnx(
     out = Path(out)
     model = onnx.load(str(float_path))
     nodes = network_nodes(model)
+    if settings.equalize:
+        logger.info("equalized %d pairs of convolutions", equalize_convolutions(model))
     method = {
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,
@@ -236,6 +319,7 @@ def quantize_in_subprocess(
     command += ["--data", *map(str, data), "--images", str(settings.images)]
     command += ["--split", settings.split, "--method", settings.method]
     command += [] if settings.reduce_range else ["--no-reduce-range"]
+    command += [] if settings.equalize else ["--no-equalize"]
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -27,6 +27,7 @@ from model.quantize import (
     QuantizeSettings,
     calibration_files,
     ensure_int8,
+    equalize_convolutions,
     int8_file_name,
     network_nodes,
     quantize_onnx,
@@ -169,6 +170,35 @@ def test_only_the_network_is_quantized(engines):
 
 
 @pytest.mark.slow
+def test_equalization_keeps_the_float_function_and_evens_the_channels(engines, tmp_path):
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(engines["fp32"]))
+    before = {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    pairs = equalize_convolutions(model)
+    # yolov1-tiny's eight convolutions form a chain (LeakyReLU and max-pools between): 7 pairs.
+    assert pairs == 7
+    after = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    first, second = convs[0].input[1], convs[1].input[1]
+
+    def spread(w1: np.ndarray, w2: np.ndarray) -> float:  # widest over narrowest channel ratio
+        r1 = np.abs(w1.reshape(w1.shape[0], -1)).max(1)
+        r2 = np.abs(w2.swapaxes(0, 1).reshape(w2.shape[1], -1)).max(1)
+        return float(np.max(np.abs(np.log(r1 / r2))))
+
+    assert spread(after[first], after[second]) < spread(before[first], before[second])
+    x = np.random.default_rng(0).random((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    runs = [
+        ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"images": x})
+        for m in (str(engines["fp32"]), model.SerializeToString())
+    ]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_the_int8_grid_follows_the_float_grid(engines, tmp_path):
     import onnxruntime as ort
 
@@ -268,9 +298,10 @@ def test_settings_keys_differ_by_every_field(tmp_path):
         QuantizeSettings(split="trainval"),
         QuantizeSettings(method="percentile"),
         QuantizeSettings(reduce_range=False),
+        QuantizeSettings(equalize=False),
     ]
     keys = {base.key(data), *(v.key(data) for v in variants), base.key([tmp_path / "coco"])}
-    assert len(keys) == 6
+    assert len(keys) == 7
     with pytest.raises(ValueError, match="images must be >= 1, got 0"):
         QuantizeSettings(images=0)
 
