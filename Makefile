@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # pyproject ranges is fine (set TORCH_SPEC= to let pip choose).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv serve test lint bench clean docker-smoke lock client-python client-typescript
+.PHONY: venv serve test lint bench bench-int8 int8 clean docker-smoke lock client-python client-typescript
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ test: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.serving
+
+# INT8 on the CPU (README): the engine of the default weights beside them, calibrated on their
+# training data (docker build copies it), and its speed and accuracy gate against float32.
+WEIGHTS ?= weights/yolov1-voc.safetensors
+int8: venv
+	$(BIN)/python -m app.calibration $(WEIGHTS)
+
+bench-int8: venv
+	$(BIN)/python -m benchmarks.quantize --weights $(WEIGHTS) --repeats 5
 
 # Build the image, run it read-only, detect on a photo, stop it, check the drain (needs Docker;
 # BASE_IMAGE, PIP_ARGS, BUILD_NETWORK pass through, see the README's Docker section).
