@@ -259,6 +259,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.record and (args.weights is None or settings != QuantizeSettings()):
         sys.exit("benchmarks.quantize: --record needs --weights and the service's int8 settings")
+    if args.record and args.calibration_data:  # the service calibrates on the training data
+        trained_on = [p.name for p in training_data(read_metadata(args.weights))]
+        if [p.name for p in args.calibration_data] != trained_on:
+            sys.exit(
+                "benchmarks.quantize: --record measures the engine the service builds, calibrated "
+                f"on the training data {trained_on}: leave out --calibration-data"
+            )
     threads = args.threads or default_threads()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="yolov1-int8-bench-") as tmp:
