@@ -30,10 +30,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from model.config import VOC_CLASSES
+from model.files import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # 0-based VOC exporters (xmin=0) and rounded YOLO floats overshoot the border by up to a pixel:
 # such boxes are clipped, anything further out is an annotation error and is dropped.
 BOX_TOLERANCE_PX = 1.0

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from model.export import EXPORT_VERSION, PROJECT_ROOT, _writable
+from model.files import image_files
 from model.metadata import file_sha256
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 # Part of the cache key: bump it whenever the quantization recipe changes.
 QUANTIZE_VERSION = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 Precision = Literal["fp32", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "int8")
@@ -92,13 +92,7 @@ def calibration_files(roots: Sequence[str | Path], split: str, count: int) -> li
     for root in map(Path, roots):
         if not root.is_dir():
             raise ValueError(f"calibration folder {root} does not exist")
-        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-        if split_file.is_file():
-            ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-            found = [_voc_image(root, image_id) for image_id in ids]
-            found = [f for f in found if f is not None]
-        else:
-            found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        found = image_files(root, split)
         if not found:
             raise ValueError(f"calibration folder {root} holds no image file ({split} split)")
         files.extend(found)
@@ -107,13 +101,6 @@ def calibration_files(roots: Sequence[str | Path], split: str, count: int) -> li
         return files
     picks = np.linspace(0, len(files) - 1, count).round().astype(int)
     return [files[i] for i in picks]
-
-
-def _voc_image(root: Path, image_id: str) -> Path | None:
-    for suffix in IMAGE_SUFFIXES:
-        if (path := root / "JPEGImages" / f"{image_id}{suffix}").is_file():
-            return path
-    return None
 
 
 # ---- quantization ---------------------------------------------------------------------------

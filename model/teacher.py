@@ -22,7 +22,8 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from model.config import VOC_CLASSES
-from model.data import IMAGE_EXTENSIONS, Annotation, load_image_rgb, read_image_size
+from model.data import Annotation, load_image_rgb, read_image_size
+from model.files import image_files
 from model.metadata import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -124,12 +125,7 @@ def list_unlabeled(folders: Sequence[str | Path], split: str = "train") -> list[
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise ValueError(f"--unlabeled: {folder} is not a folder")
-        split_file = folder / "ImageSets" / "Main" / f"{split}.txt"
-        if split_file.is_file():
-            ids = {line.split()[0] for line in split_file.read_text().splitlines() if line.strip()}
-            found = [p for p in sorted((folder / "JPEGImages").iterdir()) if p.stem in ids]
-        else:
-            found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = image_files(folder, split)
         kept = 0
         for path in found:
             try:
