@@ -50,8 +50,12 @@ def view_datasets(
     return datasets
 
 
-def cache_key(model: YOLOv1, annotations: Sequence[Annotation], layer: int, views: int, seed: int):
-    """A digest of the stem's weights, the images and their boxes, the layer, views and seed."""
+def cache_key(
+    model: YOLOv1, annotations: Sequence[Annotation], layer: int, views: int, seed: int, **kwargs
+) -> str:
+    """A digest of what the features depend on: the stem's weights, the images, the layer,
+    views, seed and loader settings. Not the boxes: the augmentation draws its parameters
+    without looking at them, so other labels of the same images reuse the features."""
     digest = hashlib.sha256()
     state = model.stem.net.state_dict()
     for name in sorted(state):
@@ -59,8 +63,9 @@ def cache_key(model: YOLOv1, annotations: Sequence[Annotation], layer: int, view
         digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
     for ann in annotations:
         digest.update(str(ann.image_path).encode())
-        digest.update(ann.boxes.numpy().tobytes() + ann.labels.numpy().tobytes())
-    digest.update(json.dumps([layer, views, seed, model.image_size]).encode())
+    settings = [layer, views, seed, model.image_size, kwargs.get("batch_size", 32),
+                kwargs.get("workers", 2)]  # fmt: skip
+    digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
 
 
@@ -74,8 +79,13 @@ def compute_features(
     batch_size: int = 32,
     workers: int = 2,
     progress: bool = True,
+    targets_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (V*N, c, h, w) float16 of stem layer ``layer`` and targets (V*N, S, S, C+5)."""
+    """Features (V*N, c, h, w) float16 of stem layer ``layer`` and targets (V*N, S, S, C+5).
+
+    ``targets_only``: the same views' targets and no features (an empty tensor): the views are
+    drawn exactly as with features, for labels that changed on cached images.
+    """
     model.stem.net.check_split(layer + 1)
     frozen = fold_batchnorm(model).eval()
     S, C = model.grid_size, model.num_classes
@@ -86,12 +96,20 @@ def compute_features(
         generator=generator, worker_init_fn=_seed_worker,
     )  # fmt: skip
     features, targets = [], []
-    for images, batch in tqdm(loader, desc="features", disable=not progress, leave=False):
-        features.append(frozen.stem_features(images, layer).half())
+    with torch.random.fork_rng():  # workers=0 draws from this process's generator: seed it
+        torch.manual_seed(seed)
+        batches = list(_views(loader, frozen, layer, targets_only, progress))
+    for feats, batch in batches:
+        features += feats
         for t in batch:  # difficult objects are not targets, as in training
             keep = ~t["difficult"]
             targets.append(encode_targets(t["boxes"][keep], t["labels"][keep], S, C))
-    return torch.cat(features), torch.stack(targets)
+    return (torch.cat(features) if features else torch.empty(0)), torch.stack(targets)
+
+
+def _views(loader, frozen: YOLOv1, layer: int, targets_only: bool, progress: bool):
+    for images, batch in tqdm(loader, desc="features", disable=not progress, leave=False):
+        yield ([] if targets_only else [frozen.stem_features(images, layer).half()]), batch
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -108,16 +126,21 @@ def load_or_compute(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_features``, cached in ``path_dir/features-<key16>.safetensors``."""
-    path = Path(path_dir) / f"features-{cache_key(model, annotations, layer, views, seed)[:16]}"
-    path = path.with_suffix(".safetensors")
+    key = cache_key(model, annotations, layer, views, seed, **kwargs)
+    path = Path(path_dir) / f"features-{key[:16]}.safetensors"
     if path.is_file():
-        tensors = load_file(str(path))
-        logger.info("features: reusing %s (%d views)", path, len(tensors["targets"]))
-        return tensors["features"], tensors["targets"]
+        features = load_file(str(path))["features"]
+        logger.info("features: reusing %s; drawing the views' targets", path)
+        _, targets = compute_features(
+            model, annotations, layer, views, seed, targets_only=True, **kwargs
+        )
+        if len(targets) != len(features):
+            raise RuntimeError(f"{path}: {len(features)} features for {len(targets)} targets")
+        return features, targets
     features, targets = compute_features(model, annotations, layer, views, seed, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"features": features, "targets": targets}, str(tmp))
+    save_file({"features": features}, str(tmp))
     tmp.replace(path)
     logger.info("features: %d views of layer %d cached in %s", len(targets), layer, path)
     return features, targets

@@ -395,7 +395,7 @@ class Trainer:
         start = time.perf_counter()
         features, targets = load_or_compute(
             a.out.parent / "features", self.model, train_ann, self.cached_from, a.cache_views,
-            a.seed, workers=a.workers, progress=not a.no_progress,
+            a.seed, batch_size=32, workers=a.workers, progress=not a.no_progress,
         )  # fmt: skip
         logger.info("features ready in %.1f s", time.perf_counter() - start)
         return TensorDataset(features, targets)

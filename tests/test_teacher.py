@@ -261,3 +261,31 @@ def test_one_of_our_checkpoints_can_teach(tmp_path, weights):
     with torch.no_grad():
         (expected,) = postprocess(model(image[None]), 2, 20, 0.05, 0.45)
     assert labels[tmp_path / "a.png"]["labels"] == expected["labels"].tolist()
+
+
+def test_cached_features_serve_new_labels_of_the_same_images(tmp_path):
+    """The augmentation draws without looking at the boxes: targets-only replays the views."""
+    from model.feature_cache import load_or_compute
+    from model.network import YOLOv1
+    from model.train import backbone_arch
+
+    cfg, weights = write_tiny_yolo(tmp_path)
+    model = YOLOv1(backbone_arch(cfg, 4), 20, 2, 64, mean=(0, 0, 0), std=(1, 1, 1)).eval()
+    anns = []
+    for k in range(3):
+        write_image(tmp_path / f"a{k}.png", 64, 64, [(4 * k, 0, 30, 40)])
+        labels = {"boxes": [[0.05 * k, 0.0, 0.5, 0.6]], "scores": [0.9], "labels": [k],
+                  "size": [64, 64]}  # fmt: skip
+        anns.append(teacher_annotation(tmp_path / f"a{k}.png", labels, list(range(20)), 0.3))
+    kw = {"workers": 0, "progress": False}
+    features, targets = load_or_compute(tmp_path / "c", model, anns, 3, 4, 0, **kw)
+    again, replayed = load_or_compute(tmp_path / "c", model, anns, 3, 4, 0, **kw)
+    torch.testing.assert_close(again, features)
+    torch.testing.assert_close(replayed, targets)  # the augmented views drew the same way
+    relabelled = [teacher_annotation(a.image_path, {"boxes": [], "scores": [], "labels": [],
+                                                     "size": [64, 64]}, list(range(20)), 0.3)
+                  for a in anns]  # fmt: skip
+    reused, empty = load_or_compute(tmp_path / "c", model, relabelled, 3, 4, 0, **kw)
+    torch.testing.assert_close(reused, features)
+    assert empty[..., 20].sum() == 0 and targets[..., 20].sum() > 0
+    assert len(list((tmp_path / "c").glob("features-*"))) == 1
