@@ -122,7 +122,7 @@ STUDENT_HEAD_LAYERS = ((3, 256, 1, 1),)
 STUDENT_HEAD_DROPOUT = 0.3
 
 
-def backbone_arch(cfg: Path, layer: int) -> ArchConfig:
+def backbone_arch(cfg: Path, layer: int, dropout: float = STUDENT_HEAD_DROPOUT) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map)."""
     sections = read_cfg(cfg)
     if not 0 <= layer < len(sections) - 1:
@@ -131,7 +131,7 @@ def backbone_arch(cfg: Path, layer: int) -> ArchConfig:
         name=f"yolov1-{cfg.stem}",
         layers=STUDENT_HEAD_LAYERS,
         head_hidden=496,
-        head_dropout=STUDENT_HEAD_DROPOUT,
+        head_dropout=dropout,
         downsample=32,
         darknet_cfg=sections_to_text(sections[: layer + 2]),
     )
@@ -155,6 +155,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "YOLOv1 head (input normalisation: none, as Darknet)",
     )  # fmt: skip
     p.add_argument("--backbone-layer", type=int, help="last backbone layer (Darknet's index)")
+    p.add_argument(
+        "--head-dropout", type=float, default=STUDENT_HEAD_DROPOUT,
+        help="dropout of the head put on a --backbone",
+    )  # fmt: skip
     p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
         help="train only the head for this many epochs first",
@@ -324,7 +328,7 @@ class Trainer:
         if a.backbone:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
-            arch = backbone_arch(a.backbone[0], a.backbone_layer)
+            arch = backbone_arch(a.backbone[0], a.backbone_layer, a.head_dropout)
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             darknet = load_darknet(a.backbone[0], a.backbone[1], upto=a.backbone_layer)
             model.stem.net.load_state_dict(darknet.state_dict())
