@@ -98,12 +98,11 @@ def compute_features(
     features, targets = [], []
     with torch.random.fork_rng():  # workers=0 draws from this process's generator: seed it
         torch.manual_seed(seed)
-        batches = list(_views(loader, frozen, layer, targets_only, progress))
-    for feats, batch in batches:
-        features += feats
-        for t in batch:  # difficult objects are not targets, as in training
-            keep = ~t["difficult"]
-            targets.append(encode_targets(t["boxes"][keep], t["labels"][keep], S, C))
+        for feats, batch in _views(loader, frozen, layer, targets_only, progress):
+            features += feats
+            for t in batch:  # difficult objects are not targets, as in training
+                keep = ~t["difficult"]
+                targets.append(encode_targets(t["boxes"][keep], t["labels"][keep], S, C))
     return (torch.cat(features) if features else torch.empty(0)), torch.stack(targets)
 
 
