@@ -24,7 +24,7 @@ from app.settings import Settings
 OUT = Path(__file__).resolve().parent / "example.jpg"
 
 
-async def render(confidence: float) -> bytes:
+async def render(confidence: float | None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buffer, format="PNG")
     app = create_app(Settings())
@@ -32,7 +32,7 @@ async def render(confidence: float) -> bytes:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://local") as client:
             files = {"image": ("astronaut.png", buffer.getvalue(), "image/png")}
-            params = {"confidence": confidence}
+            params = {} if confidence is None else {"confidence": confidence}
             boxes = await client.post("/v1/detect", files=files, params=params)
             boxes.raise_for_status()
             for d in boxes.json()["detections"]:
@@ -44,7 +44,7 @@ async def render(confidence: float) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--confidence", type=float, default=0.25)
+    parser.add_argument("--confidence", type=float, help="default: the service's default")
     args = parser.parse_args()
     image = Image.open(io.BytesIO(asyncio.run(render(args.confidence))))
     image.thumbnail((480, 480))
