@@ -245,6 +245,16 @@ def test_train_with_teacher_backbone_and_cached_features(tmp_path):
     torch.testing.assert_close(model.stem.net.layers[0].conv.weight, teacher.layers[0].conv.weight)
     assert len(list((tmp_path / "run" / "features").glob("features-*.safetensors"))) == 1
 
+    # Continuing from the checkpoint alone: its metadata gives the architecture (no --backbone).
+    again = get_args_parser().parse_args(
+        ["--data", str(voc), "--img-size", "64", "--epochs", "1", "--batch-size", "4",
+         "--optimizer", "adamw", "--lr", "1e-4", "--workers", "0", "--no-progress",
+         "--init", str(best), "--cache-views", "2", "--train-from-layer", "4",
+         "--out", str(tmp_path / "next" / "w.safetensors")]
+    )  # fmt: skip
+    _, meta2 = load_checkpoint(main(again))
+    assert meta2["architecture"] == meta["architecture"]
+
 
 def test_one_of_our_checkpoints_can_teach(tmp_path, weights):
     from model.postprocess import postprocess
