@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import math
 import sys
@@ -42,7 +41,7 @@ import torch
 from app.backends import _session_options, default_threads
 from app.calibration import load_calibration_images
 from app.settings import FALLBACK_CONF_THRESHOLD
-from benchmarks.serving import REPO_ROOT, add_checkpoint_arguments, describe_machine
+from benchmarks.serving import REPO_ROOT, add_checkpoint_arguments, describe_machine, write_results
 from model import VOC_CLASSES, build_model, load_checkpoint, save_checkpoint
 from model.checkpoint import update_metadata
 from model.data import read_datasets
@@ -347,15 +346,6 @@ def record(weights: Path, results: dict[str, Any], settings: QuantizeSettings) -
     print(f"recorded int8 default={default} in {weights} (its SHA-256 changed)")
     data = results["meta"]["calibration_data"]
     print(f"int8 engine of the new file: {ensure_int8(weights, data, settings)}")
-
-
-def write_results(results: dict[str, Any], out: Path | None, prefix: str) -> Path:
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    out = out or REPO_ROOT / "bench-results" / f"{prefix}-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nraw numbers: {out}")
-    return out
 
 
 if __name__ == "__main__":
