@@ -115,17 +115,23 @@ def _onnx_file_name(weights_path: Path, sha256: str | None = None) -> str:
 def export_in_subprocess(weights_path: Path, out: Path) -> Path:
     """Export ``weights_path`` to ``out`` in a child Python, so that PyTorch (and the exporter's
     memory) never enter this process. Raises ``RuntimeError`` with the child's last words."""
+    run_module(["model.export", str(weights_path), str(out)], f"the ONNX export of {weights_path}")
+    return out
+
+
+def run_module(args: list[str], what: str) -> None:
+    """``python -m <args>`` in a child with this project importable; on failure raise
+    ``RuntimeError("<what> failed: <the child's last stderr line>")``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "model.export", str(weights_path), str(out)]
     start = time.perf_counter()
+    command = [sys.executable, "-m", *args]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise RuntimeError(f"the ONNX export of {weights_path} failed: {last}")
-    logger.info("exported %s to %s in %.1f s", weights_path, out, time.perf_counter() - start)
-    return out
+        raise RuntimeError(f"{what} failed: {last}")
+    logger.info("%s took %.1f s", what, time.perf_counter() - start)
 
 
 def _writable(directory: Path) -> None:
@@ -153,27 +159,49 @@ def ensure_onnx(
     saves hashing the file again.
     """
     weights_path = Path(weights_path)
-    name = _onnx_file_name(weights_path, sha256)
     primary = Path(cache_dir) if cache_dir is not None else weights_path.parent
+    name = _onnx_file_name(weights_path, sha256)
+    return cached_file(
+        primary, name, "ONNX export", lambda path: exporter(weights_path, path), replace=replace
+    )
+
+
+def cached_file(
+    primary: Path,
+    name: str,
+    what: str,
+    make: Callable[[Path], Path],
+    *,
+    replace: bool = False,
+    prepare: Callable[[], None] | None = None,
+) -> Path:
+    """``primary/name`` or ``<system temp dir>/yolov1-onnx/name`` if either exists (unless
+    ``replace``), else ``make(path)`` at the first of them that can be written.
+
+    The primary place is looked at before asking for a temp dir, which a read-only root may
+    lack. ``prepare`` runs once before anything is made (to refuse early, say).
+    """
     candidates = [primary / name]
-    if not replace and candidates[0].is_file():  # before asking for a temp dir, which a
-        logger.info("reusing the ONNX export %s", candidates[0])  # read-only root lacks
+    if not replace and candidates[0].is_file():
+        logger.info("reusing the %s %s", what, candidates[0])
         return candidates[0]
     try:
         candidates.append(Path(tempfile.gettempdir()) / "yolov1-onnx" / name)
     except FileNotFoundError as exc:  # no writable temp dir at all
-        logger.warning("no temporary directory for the ONNX export (%s)", exc)
+        logger.warning("no temporary directory for the %s (%s)", what, exc)
     if not replace and candidates[-1].is_file():
-        logger.info("reusing the ONNX export %s", candidates[-1])
+        logger.info("reusing the %s %s", what, candidates[-1])
         return candidates[-1]
+    if prepare is not None:
+        prepare()
     for path in candidates:
         try:
             _writable(path.parent)
         except OSError as exc:  # read-only, permission denied, a file where a directory should be
-            logger.warning("cannot write the ONNX export to %s (%s)", path, exc)
+            logger.warning("cannot write the %s to %s (%s)", what, path, exc)
             continue
-        return exporter(weights_path, path)
-    raise OSError(f"no writable place for the ONNX export of {weights_path}: tried {candidates}")
+        return make(path)
+    raise OSError(f"no writable place for the {what} {name}: tried {candidates}")
 
 
 def main(argv: list[str] | None = None) -> None:

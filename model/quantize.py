@@ -19,9 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -32,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from model.export import EXPORT_VERSION, PROJECT_ROOT, _writable
+from model.export import EXPORT_VERSION, PROJECT_ROOT, cached_file, run_module
 from model.files import image_files
 from model.metadata import file_sha256
 
@@ -300,20 +297,12 @@ def quantize_in_subprocess(
     float export and the calibration's memory never enter this process. The child is
     ``app.calibration``, named rather than imported: it decodes with the service's decoder.
     Raises ``RuntimeError`` with the child's last words."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "app.calibration", str(weights_path), str(out)]
+    command = ["app.calibration", str(weights_path), str(out)]
     command += ["--data", *map(str, data), "--images", str(settings.images)]
     command += ["--split", settings.split, "--method", settings.method]
     command += [] if settings.reduce_range else ["--no-reduce-range"]
     command += [] if settings.equalize else ["--no-equalize"]
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise RuntimeError(f"the int8 quantization of {weights_path} failed: {last}")
-    logger.info("quantized %s to %s in %.1f s", weights_path, out, time.perf_counter() - start)
+    run_module(command, f"the int8 quantization of {weights_path}")
     return out
 
 
@@ -338,26 +327,19 @@ def ensure_int8(
     data = [Path(d) for d in data]
     name = int8_file_name(weights_path, settings, data, sha256)
     primary = Path(cache_dir) if cache_dir is not None else weights_path.parent
-    candidates = [primary / name, Path(tempfile.gettempdir()) / "yolov1-onnx" / name]
-    if not replace:
-        for path in candidates:
-            if path.is_file():
-                logger.info("reusing the int8 engine %s", path)
-                return path
-    missing = [str(d) for d in data if not d.is_dir()]
-    if not data or missing:
-        raise ValueError(
-            f"no int8 engine of {weights_path.name} is cached, and the calibration folder "
-            f"{', '.join(missing) or '(none given)'} does not exist"
-        )
-    for path in candidates:
-        try:
-            _writable(path.parent)
-        except OSError as exc:
-            logger.warning("cannot write the int8 engine to %s (%s)", path, exc)
-            continue
-        return quantizer(weights_path, path, data, settings)
-    raise OSError(f"no writable place for the int8 engine of {weights_path}: tried {candidates}")
+
+    def check_data() -> None:  # needed only to quantize: a cached engine serves without it
+        missing = [str(d) for d in data if not d.is_dir()]
+        if not data or missing:
+            raise ValueError(
+                f"no int8 engine of {weights_path.name} is cached, and the calibration folder "
+                f"{', '.join(missing) or '(none given)'} does not exist"
+            )
+
+    return cached_file(
+        primary, name, "int8 engine", lambda path: quantizer(weights_path, path, data, settings),
+        replace=replace, prepare=check_data,
+    )  # fmt: skip
 
 
 def training_data(metadata: dict[str, Any]) -> list[Path]:
