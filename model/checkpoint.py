@@ -88,6 +88,22 @@ def save_checkpoint(
     return path
 
 
+def model_from_metadata(
+    meta: dict[str, Any], path: str | Path = "<metadata>", **overrides: int
+) -> YOLOv1:
+    """A freshly initialised model of the architecture, S, B, C and input normalisation that
+    ``meta`` describes; ``overrides`` (``num_classes``, ``boxes_per_cell``, ``image_size``)
+    replace the metadata's values. Raises ``ValueError`` for an impossible combination."""
+    sizes = {k: meta[k] for k in ("num_classes", "boxes_per_cell", "image_size")} | overrides
+    normalisation = meta.get("input", {})
+    return YOLOv1(
+        architecture_of(meta, path),
+        **sizes,
+        mean=tuple(normalisation.get("mean", IMAGENET_MEAN)),
+        std=tuple(normalisation.get("std", IMAGENET_STD)),
+    )
+
+
 def load_checkpoint(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[YOLOv1, dict[str, Any]]:
@@ -98,17 +114,8 @@ def load_checkpoint(
     """
     path = Path(path)
     meta = read_metadata(path)
-    arch = architecture_of(meta, path)
-    normalisation = meta.get("input", {})
     try:
-        model = YOLOv1(
-            arch,
-            meta["num_classes"],
-            meta["boxes_per_cell"],
-            meta["image_size"],
-            mean=tuple(normalisation.get("mean", IMAGENET_MEAN)),
-            std=tuple(normalisation.get("std", IMAGENET_STD)),
-        )
+        model = model_from_metadata(meta, path)
     except ValueError as exc:
         raise CheckpointError(path, f"metadata describes no valid model ({exc})") from None
     expected = {

@@ -217,7 +217,8 @@ class Conv(nn.Module):
             bias=not self.batch_normalize,
         )  # fmt: skip
         self.bn = DarknetBatchNorm(filters) if self.batch_normalize else nn.Identity()
-        self.act = activation_fn(s.choice("activation", "logistic", ACTIVATIONS))
+        self.activation = s.choice("activation", "logistic", ACTIVATIONS)
+        self.act = activation_fn(self.activation)
         self.out_channels = filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +305,8 @@ class Local(nn.Module):
         L, k = self.out_h * self.out_w, in_channels * self.size * self.size
         self.weight = nn.Parameter(torch.zeros(L, self.filters, k))
         self.bias = nn.Parameter(torch.zeros(self.filters, self.out_h, self.out_w))
-        self.act = activation_fn(s.choice("activation", "logistic", ACTIVATIONS))
+        self.activation = s.choice("activation", "logistic", ACTIVATIONS)
+        self.act = activation_fn(self.activation)
         self.out_channels = self.filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -339,7 +341,8 @@ class Connected(nn.Module):
         self.batch_normalize = bool(s.get_int("batch_normalize", 0))
         self.linear = nn.Linear(inputs, self.outputs)
         self.bn = DarknetBatchNorm(self.outputs) if self.batch_normalize else nn.Identity()
-        self.act = activation_fn(s.choice("activation", "logistic", ACTIVATIONS))
+        self.activation = s.choice("activation", "logistic", ACTIVATIONS)
+        self.act = activation_fn(self.activation)
         self.out_channels = self.outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

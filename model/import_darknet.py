@@ -67,16 +67,11 @@ def _conv_spec(layer: Conv, where: str) -> tuple:
     conv = layer.conv
     if conv.groups != 1:
         raise DarknetError(f"{where}: groups={conv.groups}: YOLOv1 convolutions are not grouped")
-    act = _activation_name(layer.act)
+    act = layer.activation
     spec = (conv.kernel_size[0], conv.out_channels, conv.stride[0], conv.padding[0])
     if act == "leaky" and layer.batch_normalize:
         return spec
     return (*spec, act, layer.batch_normalize)
-
-
-def _activation_name(module: torch.nn.Module) -> str:
-    names = {"LeakyReLU": "leaky", "Identity": "linear", "ReLU": "relu", "ReLU6": "relu6"}
-    return names.get(type(module).__name__, "logistic")
 
 
 def yolov1_from_darknet(
@@ -108,7 +103,7 @@ def yolov1_from_darknet(
         elif isinstance(layer, MaxPool):
             backbone.append(("M", layer.size, layer.stride, layer.padding))
         elif isinstance(layer, Local) and local_module is None and not connected:
-            act = _activation_name(layer.act)
+            act = layer.activation
             head_local = (layer.size, layer.filters, layer.stride, layer.pad, act)
             local_module = layer
         elif isinstance(layer, Dropout):
@@ -119,7 +114,7 @@ def yolov1_from_darknet(
             connected.append(layer)
         else:
             raise DarknetError(f"{s.where()}: [{s.kind}] here is not a YOLOv1 layout")
-    if not connected or _activation_name(connected[-1].act) != "linear":
+    if not connected or connected[-1].activation != "linear":
         raise DarknetError("the last [connected] layer before [detection] must be linear")
     hidden = connected[0] if len(connected) == 2 else None
     arch = ArchConfig(
@@ -129,7 +124,7 @@ def yolov1_from_darknet(
         head_dropout=dropout,
         downsample=net.width // S,
         head_local=head_local,
-        head_activation="leaky" if hidden is None else _activation_name(hidden.act),
+        head_activation="leaky" if hidden is None else hidden.activation,
         batchnorm_eps=0.0,  # with the variance stored as (sqrt(var) + 1e-6)^2: Darknet exactly
     )
     arch.validate()

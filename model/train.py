@@ -27,7 +27,12 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Tens
 from tqdm import tqdm
 
 from model.boxes import encode_targets
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_metadata,
+    save_checkpoint,
+)
 from model.config import ARCHITECTURES, VOC_CLASSES, ArchConfig
 from model.darknet import DarknetError, load_darknet, read_cfg, sections_to_text
 from model.data import (
@@ -40,7 +45,7 @@ from model.data import (
 from model.evaluate import predict, resolve_device, score
 from model.feature_cache import load_or_compute
 from model.loss import YOLOv1Loss
-from model.metadata import architecture_of, read_metadata
+from model.metadata import read_metadata
 from model.network import YOLOv1, build_model
 from model.teacher import (
     class_mapping,
@@ -339,13 +344,8 @@ class Trainer:
         source = self.paths["last"] if a.resume else a.init
         if source is None:
             return build_model("yolov1", *S_args)
-        meta = read_metadata(source)
-        inp = meta.get("input", {})
-        return YOLOv1(
-            architecture_of(meta, source), *S_args,
-            mean=tuple(inp.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(inp.get("std", (0.229, 0.224, 0.225))),
-        )  # fmt: skip
+        sizes = {"num_classes": C, "boxes_per_cell": a.boxes_per_cell, "image_size": a.img_size}
+        return model_from_metadata(read_metadata(source), source, **sizes)
 
     def add_teacher_labels(self, train_ann: list[Annotation]) -> list[Annotation]:
         """Label --unlabeled images (and, with --teacher-fill, missed objects) by the teacher."""
