@@ -9,13 +9,24 @@ from __future__ import annotations
 import torch
 
 
-def encode_targets(boxes: torch.Tensor, labels: torch.Tensor, S: int, C: int) -> torch.Tensor:
+def encode_targets(
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    S: int,
+    C: int,
+    class_probs: torch.Tensor | None = None,
+    objectness: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Encode one image's boxes as the training target grid.
 
     Args:
         boxes: (K, 4) xyxy normalised to [0, 1].
         labels: (K,) int class indices in [0, C).
         S: grid size; C: number of classes.
+        class_probs, objectness: soft targets (a teacher's), both or neither: (K, C) class
+            distributions written instead of the one-hot ``labels``, and (K,) probabilities
+            that each box is an object, written instead of 1 (``YOLOv1Loss`` weighs the
+            object and no-object terms of the cell by it).
 
     Returns:
         (S, S, C + 5): per cell ``[one-hot class | objectness | x_cell, y_cell, w, h]``, with
@@ -29,6 +40,16 @@ def encode_targets(boxes: torch.Tensor, labels: torch.Tensor, S: int, C: int) ->
         raise ValueError(f"labels must have shape ({boxes.shape[0]},), got {tuple(labels.shape)}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= C):
         raise ValueError(f"labels must lie in [0, {C}), got {labels.tolist()}")
+    if (class_probs is None) != (objectness is None):
+        raise ValueError("class_probs and objectness go together: give both or neither")
+    if class_probs is None:
+        class_probs = torch.nn.functional.one_hot(labels, C).float()
+        objectness = torch.ones(len(labels))
+    if class_probs.shape != (len(labels), C) or objectness.shape != labels.shape:
+        raise ValueError(
+            f"class_probs must be ({len(labels)}, {C}) and objectness ({len(labels)},), got "
+            f"{tuple(class_probs.shape)} and {tuple(objectness.shape)}"
+        )
     target = torch.zeros((S, S, C + 5), dtype=torch.float32)
     boxes = boxes.float()
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
@@ -39,8 +60,8 @@ def encode_targets(boxes: torch.Tensor, labels: torch.Tensor, S: int, C: int) ->
     for k in torch.argsort(wh[:, 0] * wh[:, 1]).tolist():
         j, i = cells[k].tolist()
         target[i, j] = 0
-        target[i, j, labels[k]] = 1.0
-        target[i, j, C] = 1.0
+        target[i, j, :C] = class_probs[k]
+        target[i, j, C] = objectness[k]
         target[i, j, C + 1 : C + 3] = offsets[k]
         target[i, j, C + 3 : C + 5] = wh[k]
     return target

@@ -18,7 +18,7 @@ import logging
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from model.boxes import encode_targets
 from model.config import VOC_CLASSES
 from model.files import IMAGE_EXTENSIONS
 
@@ -53,6 +54,9 @@ class Annotation:
     ``boxes``: (K, 4) float32 xyxy in pixels of the EXIF-rotated ``width`` x ``height`` image.
     ``labels``: (K,) int64 indices into the class-name list the reader was given.
     ``difficult``: (K,) bool, VOC's ``<difficult>`` flag (all False for YOLO data).
+    ``class_probs``, ``objectness``: soft targets, or None (hard: one-hot ``labels``, certain
+    objects). (K, C) float32, each row a class distribution, and (K,) float32 in [0, 1], the
+    probability that the box is an object; a teacher's boxes carry them (``--soft-targets``).
     """
 
     image_path: Path
@@ -61,6 +65,8 @@ class Annotation:
     boxes: torch.Tensor
     labels: torch.Tensor
     difficult: torch.Tensor
+    class_probs: torch.Tensor | None = None
+    objectness: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0:
@@ -73,6 +79,30 @@ class Annotation:
                 f"labels and difficult must have shape ({k},), got "
                 f"{tuple(self.labels.shape)} and {tuple(self.difficult.shape)}"
             )
+        if (self.class_probs is None) != (self.objectness is None):
+            raise ValueError("class_probs and objectness go together: give both or neither")
+        if self.class_probs is not None and (
+            self.class_probs.ndim != 2 or self.class_probs.shape[0] != k
+            or self.objectness.shape != (k,)
+        ):  # fmt: skip
+            raise ValueError(
+                f"class_probs must have shape ({k}, C) and objectness ({k},), got "
+                f"{tuple(self.class_probs.shape)} and {tuple(self.objectness.shape)}"
+            )
+
+    @property
+    def soft(self) -> bool:
+        return self.class_probs is not None
+
+    def with_soft_targets(self, num_classes: int) -> Annotation:
+        """This annotation with explicit soft targets (hard ones: one-hot classes, certain)."""
+        if self.soft:
+            return self
+        return replace(
+            self,
+            class_probs=torch.nn.functional.one_hot(self.labels, num_classes).float(),
+            objectness=torch.ones(len(self.labels)),
+        )
 
 
 class _DropItem(Exception):
@@ -428,10 +458,14 @@ def read_datasets(
 # --------------------------------------------------------------------------------------------
 
 
-def _labels_and_difficult(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """SanitizeBoundingBoxes' labels_getter: drop labels and difficult flags with their boxes."""
+# The per-box tensors of a sample besides its boxes; the last two only with soft targets.
+PER_BOX = ("labels", "difficult", "class_probs", "objectness")
+
+
+def _labels_and_difficult(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """SanitizeBoundingBoxes' labels_getter: drop every per-box tensor with its box."""
     _, target = inputs
-    return target["labels"], target["difficult"]
+    return tuple(target[key] for key in PER_BOX if key in target)
 
 
 def build_transform(image_size: int, train: bool) -> v2.Compose:
@@ -465,7 +499,7 @@ def build_transform(image_size: int, train: bool) -> v2.Compose:
 
 
 Sample = tuple[torch.Tensor, dict[str, Any]]
-_Extra = dict[str, torch.Tensor]  # the per-box "labels" (K,) and "difficult" (K,) of a sample
+_Extra = dict[str, torch.Tensor]  # the per-box tensors of a sample (PER_BOX)
 
 
 class DetectionDataset(Dataset[Sample]):
@@ -473,7 +507,9 @@ class DetectionDataset(Dataset[Sample]):
 
     ``dataset[i]`` is ``(image, target)``: image float32 (3, image_size, image_size) RGB in [0, 1];
     target ``{"boxes": (K, 4) float32 xyxy normalised to [0, 1], "labels": (K,) int64,
-    "difficult": (K,) bool, "image_id": i, "orig_size": (h, w) in pixels}``.
+    "difficult": (K,) bool, "image_id": i, "orig_size": (h, w) in pixels}``, plus
+    ``"class_probs"`` and ``"objectness"`` when the annotations carry soft targets (all of them
+    or none must).
     With ``train`` and probability ``mosaic``, four images (``i`` and three random ones) are tiled
     2x2 before the same pipeline; ``orig_size`` is then the tiled canvas. ``transform`` replaces
     ``build_transform(image_size, train)`` (it must resize to ``image_size`` and end in float).
@@ -494,6 +530,8 @@ class DetectionDataset(Dataset[Sample]):
         if not 0.0 <= mosaic <= 1.0:
             raise ValueError(f"mosaic must be a probability in [0, 1], got {mosaic}")
         self.annotations = list(annotations)
+        if len({ann.soft for ann in self.annotations}) > 1:
+            raise ValueError("either every annotation carries soft targets or none does")
         self.image_size = image_size
         self.train = train
         self.mosaic = mosaic
@@ -516,7 +554,10 @@ class DetectionDataset(Dataset[Sample]):
             ann.boxes.clone(), format=tv_tensors.BoundingBoxFormat.XYXY,
             canvas_size=(ann.height, ann.width),
         )  # fmt: skip
-        return image, boxes, {"labels": ann.labels.clone(), "difficult": ann.difficult.clone()}
+        extra = {"labels": ann.labels.clone(), "difficult": ann.difficult.clone()}
+        if ann.soft:
+            extra |= {"class_probs": ann.class_probs.clone(), "objectness": ann.objectness.clone()}
+        return image, boxes, extra
 
     def _load_mosaic(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.BoundingBoxes, _Extra]:
         """Tile image ``index`` and three random ones, each plainly resized, into a 2x2 canvas."""
@@ -524,7 +565,7 @@ class DetectionDataset(Dataset[Sample]):
         indices = [index, *torch.randint(len(self.annotations), (3,)).tolist()]
         resize = v2.Resize((tile, tile), antialias=True)
         canvas = torch.zeros((3, 2 * tile, 2 * tile), dtype=torch.uint8)
-        parts_boxes, parts_labels, parts_difficult = [], [], []
+        parts_boxes, parts_extra = [], []
         for quadrant, i in enumerate(indices):
             image, boxes, extra = self._load(i)
             image, boxes = resize(image, boxes)
@@ -533,13 +574,12 @@ class DetectionDataset(Dataset[Sample]):
             # Padding the tile out to the canvas moves its boxes by (left, top), via torchvision.
             boxes = F.pad(boxes, [left, top, tile - left, tile - top])
             parts_boxes.append(boxes.as_subclass(torch.Tensor))
-            parts_labels.append(extra["labels"])
-            parts_difficult.append(extra["difficult"])
+            parts_extra.append(extra)
         boxes = tv_tensors.BoundingBoxes(
             torch.cat(parts_boxes), format=tv_tensors.BoundingBoxFormat.XYXY,
             canvas_size=(2 * tile, 2 * tile),
         )  # fmt: skip
-        extra = {"labels": torch.cat(parts_labels), "difficult": torch.cat(parts_difficult)}
+        extra = {key: torch.cat([part[key] for part in parts_extra]) for key in parts_extra[0]}
         return tv_tensors.Image(canvas), boxes, extra
 
     def __getitem__(self, index: int) -> Sample:
@@ -553,8 +593,7 @@ class DetectionDataset(Dataset[Sample]):
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         target = {
             "boxes": target["boxes"].as_subclass(torch.Tensor).float() / scale,  # (K, 4) in [0, 1]
-            "labels": target["labels"],
-            "difficult": target["difficult"],
+            **{key: target[key] for key in PER_BOX if key in target},
             "image_id": index,
             "orig_size": orig_size,
         }
@@ -567,3 +606,14 @@ def detection_collate(batch: Sequence[Sample]) -> tuple[torch.Tensor, list[dict[
         raise ValueError("batch is empty")
     images = torch.stack([image for image, _ in batch])  # (N, 3, H, W)
     return images, [target for _, target in batch]
+
+
+def target_grid(target: dict[str, Any], S: int, C: int) -> torch.Tensor:
+    """One sample's (S, S, C + 5) training target, soft targets included when it has them.
+
+    Difficult objects are left out, as Darknet's ``voc_label.py`` does: the evaluation ignores
+    them, so training neither rewards nor penalises finding them.
+    """
+    keep = ~target["difficult"]
+    soft = [target[k][keep] for k in ("class_probs", "objectness") if k in target]
+    return encode_targets(target["boxes"][keep], target["labels"][keep], S, C, *soft)

@@ -23,8 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from model.boxes import encode_targets
-from model.data import Annotation, DetectionDataset, Sample, detection_collate
+from model.data import Annotation, DetectionDataset, Sample, detection_collate, target_grid
 from model.network import YOLOv1, fold_batchnorm
 
 logger = logging.getLogger(__name__)
@@ -100,9 +99,7 @@ def compute_features(
         torch.manual_seed(seed)
         for feats, batch in _views(loader, frozen, layer, targets_only, progress):
             features += feats
-            for t in batch:  # difficult objects are not targets, as in training
-                keep = ~t["difficult"]
-                targets.append(encode_targets(t["boxes"][keep], t["labels"][keep], S, C))
+            targets += [target_grid(t, S, C) for t in batch]  # as in training
     return (torch.cat(features) if features else torch.empty(0)), torch.stack(targets)
 
 

@@ -16,6 +16,11 @@ class YOLOv1Loss(nn.Module):
     closest in (x, y, sqrt_w, sqrt_h). The responsible predictor's confidence target is that IoU
     (detached). Every other predictor, in every cell, gets the no-object term, including the
     second predictor of an object cell.
+
+    Soft targets (``encode_targets`` with a teacher's ``objectness`` p and class distribution):
+    the loss is its expectation over whether the cell holds an object, which it does with
+    probability p: the responsible predictor's coordinate, object and class terms are weighted
+    by p and its no-object term by 1 - p. With hard targets (p = 1 or 0) this is the loss above.
     """
 
     def __init__(
@@ -58,8 +63,9 @@ class YOLOv1Loss(nn.Module):
             dist = (box[..., 1:5] - gt_xy_sqrt_wh.unsqueeze(3)).square().sum(-1)  # (N, S, S, B)
             best_iou, best = iou.max(-1)
             best = torch.where(best_iou > 0, best, dist.argmin(-1))  # (N, S, S)
-            responsible = nn.functional.one_hot(best, B).to(pred.dtype) * obj.unsqueeze(-1)
-            conf_target = iou * responsible  # (N, S, S, B)
+            chosen = nn.functional.one_hot(best, B).to(pred.dtype)  # (N, S, S, B)
+            responsible = chosen * obj.unsqueeze(-1)  # weight p of the object case
+            conf_target = iou * chosen  # the object case's target, whatever its probability
 
         coord_err = (box[..., 1:5] - gt_xy_sqrt_wh.unsqueeze(3)).square().sum(-1)
         conf = box[..., 0]

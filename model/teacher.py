@@ -3,7 +3,8 @@
 The teacher is a Darknet ``[yolo]`` detector (``model.darknet``) or one of our checkpoints. Each
 image is labelled once, on the plainly resized full image, and the labels are cached keyed by
 the teacher's and the image's SHA-256; training then treats them as ground truth, so every crop,
-flip and scale moves them exactly as it moves annotated boxes.
+flip and scale moves them exactly as it moves annotated boxes. A Darknet teacher's labels also
+keep each box's class distribution and objectness, the soft targets of ``--soft-targets``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ CACHE_FLOOR = 0.05
 
 class Teacher:
     """A frozen detector: ``detect(images)`` on (N, 3, size, size) RGB in [0, 1]."""
+
+    gives_class_probs = True  # its detections carry "class_probs" (K, C)
 
     def __init__(self, cfg: Path, weights: Path, class_names: Sequence[str] | None = None):
         self.cfg, self.weights = Path(cfg), Path(weights)
@@ -75,6 +78,8 @@ class Teacher:
 
 class CheckpointTeacher(Teacher):
     """One of our checkpoints as teacher."""
+
+    gives_class_probs = False
 
     def __init__(self, path: Path):
         from model.checkpoint import load_checkpoint
@@ -173,10 +178,16 @@ def label_images(
     progress: bool = True,
 ) -> dict[Path, dict[str, Any]]:
     """The teacher's detections of every image (cached): ``{path: {"boxes": [[x1, y1, x2, y2]]
-    normalised, "scores": [...], "labels": [teacher class index], "size": [w, h]}}``."""
+    normalised, "scores": [...], "labels": [teacher class index], "size": [w, h]}}``; a Darknet
+    teacher's also hold ``"class_probs"`` (a list of the teacher's C class probabilities per box)
+    and ``"objectness"`` (per box; ``score = objectness * class_probs[label]``)."""
     cache = LabelCache(cache_dir, teacher)
     keys = {path: file_sha256(path) for path in paths}
-    todo = [p for p in paths if keys[p] not in cache.entries]
+    todo = [
+        p for p in paths
+        if keys[p] not in cache.entries
+        or (teacher.gives_class_probs and "class_probs" not in cache.entries[keys[p]])
+    ]  # fmt: skip
     if todo:
         logger.info("teacher: labelling %d images (%d cached)", len(todo), len(paths) - len(todo))
     bar = tqdm(total=len(todo), desc="teacher labels", disable=not progress, leave=False)
@@ -192,6 +203,13 @@ def label_images(
                 "labels": det["labels"].tolist(),
                 "size": [w, h],
             }
+            if "class_probs" in det:
+                probs = det["class_probs"]  # (K, C)
+                chosen = probs.gather(1, det["labels"][:, None])[:, 0]
+                cache.entries[keys[path]] |= {
+                    "class_probs": [[round(v, 4) for v in row] for row in probs.tolist()],
+                    "objectness": [round(v, 4) for v in (det["scores"] / chosen).tolist()],
+                }
         bar.update(len(chunk))
         if (start // batch_size) % 20 == 19:
             cache.save()
@@ -202,9 +220,13 @@ def label_images(
 
 
 def teacher_annotation(
-    path: Path, labels: dict[str, Any], mapping: list[int], threshold: float
+    path: Path, labels: dict[str, Any], mapping: list[int], threshold: float, soft: bool = False
 ) -> Annotation:
-    """An ``Annotation`` of the teacher's boxes above ``threshold`` (none: a negative image)."""
+    """An ``Annotation`` of the teacher's boxes above ``threshold`` (none: a negative image).
+
+    ``soft``: with soft targets, each box's class distribution (the teacher's probabilities of
+    the student's classes, normalised to sum 1) and the teacher's objectness.
+    """
     width, height = labels["size"]
     keep = [
         k
@@ -213,22 +235,44 @@ def teacher_annotation(
     ]
     scale = torch.tensor([width, height, width, height], dtype=torch.float32)
     boxes = torch.tensor([labels["boxes"][k] for k in keep], dtype=torch.float32).reshape(-1, 4)
+    student_labels = torch.tensor([mapping[labels["labels"][k]] for k in keep], dtype=torch.int64)
+    soft_targets = {}
+    if soft:
+        if "class_probs" not in labels:
+            raise ValueError(f"{path}: the teacher's labels hold no class probabilities")
+        C = max(mapping) + 1
+        index = torch.tensor([m for m in mapping if m >= 0])
+        teacher_cols = torch.tensor([t for t, m in enumerate(mapping) if m >= 0])
+        probs = torch.zeros(len(keep), C)
+        if keep:
+            teacher_probs = torch.tensor([labels["class_probs"][k] for k in keep])
+            probs[:, index] = teacher_probs[:, teacher_cols]
+        probs = probs / probs.sum(1, keepdim=True).clamp(min=1e-6)
+        soft_targets = {
+            "class_probs": probs,
+            "objectness": torch.tensor([labels["objectness"][k] for k in keep]).reshape(-1),
+        }
     return Annotation(
         image_path=path,
         width=width,
         height=height,
         boxes=boxes * scale,
-        labels=torch.tensor([mapping[labels["labels"][k]] for k in keep], dtype=torch.int64),
+        labels=student_labels,
         difficult=torch.zeros(len(keep), dtype=torch.bool),
+        **soft_targets,
     )
 
 
 def fill_unlabelled_objects(
     annotation: Annotation, teacher_ann: Annotation, iou_threshold: float = 0.3
 ) -> Annotation:
-    """Add the teacher's boxes that overlap no annotated box (objects the annotator missed)."""
+    """Add the teacher's boxes that overlap no annotated box (objects the annotator missed).
+
+    With soft teacher targets the annotated boxes keep hard ones (one-hot, certain)."""
     from torchvision.ops import box_iou
 
+    if teacher_ann.soft:
+        annotation = annotation.with_soft_targets(teacher_ann.class_probs.shape[1])
     if len(teacher_ann.boxes) == 0:
         return annotation
     if len(annotation.boxes):
@@ -236,6 +280,12 @@ def fill_unlabelled_objects(
         new = overlap < iou_threshold
     else:
         new = torch.ones(len(teacher_ann.boxes), dtype=torch.bool)
+    soft = {}
+    if teacher_ann.soft:
+        soft = {
+            key: torch.cat([getattr(annotation, key), getattr(teacher_ann, key)[new]])
+            for key in ("class_probs", "objectness")
+        }
     return Annotation(
         image_path=annotation.image_path,
         width=annotation.width,
@@ -243,6 +293,7 @@ def fill_unlabelled_objects(
         boxes=torch.cat([annotation.boxes, teacher_ann.boxes[new]]),
         labels=torch.cat([annotation.labels, teacher_ann.labels[new]]),
         difficult=torch.cat([annotation.difficult, teacher_ann.difficult[new]]),
+        **soft,
     )
 
 

@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from tqdm import tqdm
 
-from model.boxes import encode_targets
 from model.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -41,6 +40,7 @@ from model.data import (
     detection_collate,
     load_class_names,
     read_datasets,
+    target_grid,
 )
 from model.evaluate import predict, resolve_device, score
 from model.feature_cache import load_or_compute
@@ -65,23 +65,15 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class GridCollate:
-    """Collate a batch and encode its boxes as (N, S, S, C + 5) grid targets (picklable).
-
-    Difficult objects are left out of the targets, as Darknet's ``voc_label.py`` does: the
-    evaluation ignores them, so training neither rewards nor penalises finding them.
-    """
+    """Collate a batch and encode its boxes as (N, S, S, C + 5) grid targets (picklable);
+    difficult objects are not targets (``target_grid``)."""
 
     S: int
     C: int
 
     def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = detection_collate(batch)
-        grids = [
-            encode_targets(
-                t["boxes"][~t["difficult"]], t["labels"][~t["difficult"]], self.S, self.C
-            )
-            for t in targets
-        ]
+        grids = [target_grid(t, self.S, self.C) for t in targets]
         return images, torch.stack(grids)  # (N, 3, H, W), (N, S, S, C+5)
 
 
@@ -179,8 +171,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-names", type=Path, help="the teacher's class names (default: VOC)")
     p.add_argument("--teacher-threshold", type=float, default=0.3)
     p.add_argument(
-        "--teacher-fill", action="store_true",
+        "--teacher-fill",
+        action="store_true",
         help="also add teacher boxes for objects the annotations miss on labelled images",
+    )
+    p.add_argument(
+        "--soft-targets", action="store_true",
+        help="the teacher's class distribution and objectness as the targets of its boxes",
     )  # fmt: skip
     p.add_argument(
         "--unlabeled", nargs="+", type=Path, default=[],
@@ -259,8 +256,8 @@ class Trainer:
         self.teacher_info: dict[str, Any] | None = None
         if args.teacher:
             train_ann = self.add_teacher_labels(train_ann)
-        elif args.unlabeled:
-            raise ValueError("--unlabeled needs a --teacher to label the images")
+        elif args.unlabeled or args.soft_targets or args.teacher_fill:
+            raise ValueError("--unlabeled, --teacher-fill and --soft-targets need a --teacher")
         self.paths = output_paths(args.out)
         self.model = self.build(C)
         if args.init:
@@ -353,23 +350,31 @@ class Trainer:
         names = load_class_names(a.teacher_names) if a.teacher_names else None
         teacher = load_teacher(a.teacher, names)
         mapping = class_mapping(teacher.class_names, self.class_names)
+        if a.soft_targets and not teacher.gives_class_probs:
+            raise ValueError("--soft-targets needs a Darknet teacher (CFG WEIGHTS): "
+                             "a checkpoint teacher gives no class distribution")  # fmt: skip
+        soft = a.soft_targets
         images = list_unlabeled(a.unlabeled, a.train_split) if a.unlabeled else []
         labelled = [ann.image_path for ann in train_ann] if a.teacher_fill else []
         cache = a.label_cache or a.out.parent / "teacher-labels"
         start = time.perf_counter()
         labels = label_images(teacher, images + labelled, cache, progress=not a.no_progress)
         seconds = time.perf_counter() - start
-        extra = [teacher_annotation(p, labels[p], mapping, a.teacher_threshold) for p in images]
+        extra = [
+            teacher_annotation(p, labels[p], mapping, a.teacher_threshold, soft) for p in images
+        ]
         if a.teacher_fill:
             train_ann = [
                 fill_unlabelled_objects(
                     ann,
                     teacher_annotation(
-                        ann.image_path, labels[ann.image_path], mapping, a.teacher_threshold
+                        ann.image_path, labels[ann.image_path], mapping, a.teacher_threshold, soft
                     ),
                 )  # fmt: skip
                 for ann in train_ann
             ]
+        if soft:  # annotated boxes keep hard targets; the dataset wants one kind throughout
+            train_ann = [ann.with_soft_targets(len(self.class_names)) for ann in train_ann]
         negatives = sum(len(e.boxes) == 0 for e in extra)
         logger.info(
             "teacher: %d unlabelled images (%d negatives, %d boxes) in %.1f s",
@@ -379,6 +384,7 @@ class Trainer:
             **teacher.describe(),
             "threshold": a.teacher_threshold,
             "fill": a.teacher_fill,
+            "soft_targets": soft,
             "unlabeled": [str(d) for d in a.unlabeled],
             "unlabeled_images": len(extra),
             "labelling_seconds": round(seconds, 1),

@@ -44,6 +44,22 @@ def test_encode_hand_worked_example():
     assert target.sum() == pytest.approx(cell.sum().item())
 
 
+def test_encode_soft_targets_hand_worked_example():
+    # The same box with a teacher's class distribution (0.7, 0.1, 0.2) and objectness 0.6.
+    box, label = torch.tensor([[0.4, 0.2, 0.6, 0.3]]), torch.tensor([0])
+    probs, objectness = torch.tensor([[0.7, 0.1, 0.2]]), torch.tensor([0.6])
+    target = encode_targets(box, label, 7, 3, probs, objectness)
+    expected = torch.tensor([0.7, 0.1, 0.2, 0.6, 0.5, 0.75, 0.2, 0.1])
+    torch.testing.assert_close(target[1, 3], expected)
+    assert target.sum() == pytest.approx(target[1, 3].sum().item())
+    one_hot = encode_targets(box, label, 7, 3, torch.tensor([[1.0, 0, 0]]), torch.tensor([1.0]))
+    torch.testing.assert_close(one_hot, encode_targets(box, label, 7, 3))  # hard is the default
+    with pytest.raises(ValueError, match="both or neither"):
+        encode_targets(box, label, 7, 3, probs)
+    with pytest.raises(ValueError, match=r"class_probs must be \(1, 3\)"):
+        encode_targets(box, label, 7, 3, probs[:, :2], objectness)
+
+
 def test_larger_box_wins_a_shared_cell():
     small = [0.45, 0.45, 0.55, 0.55]
     large = [0.3, 0.3, 0.7, 0.7]

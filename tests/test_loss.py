@@ -76,6 +76,24 @@ def test_loss_equals_plain_loop(seed, S, B, C):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.8, 1.0])
+def test_soft_objectness_is_the_expected_loss_over_object_and_no_object(p):
+    """A cell whose object exists with probability p costs p * (the loss if it does) +
+    (1 - p) * (the loss if it does not), each from the plain loop."""
+    S, B, C = 4, 2, 5
+    pred, target = random_batch(3, S=S, B=B, C=C)
+    n, i, j = (target[..., C] == 1).nonzero()[0].tolist()  # one object cell
+    target[n, i, j, :C] = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.1])  # a class distribution
+    present, absent, soft = target.clone(), target.clone(), target.clone()
+    absent[n, i, j] = 0
+    soft[n, i, j, C] = p
+    loss = YOLOv1Loss(S, B, C)(pred, soft)
+    expected = p * reference_loss(pred.double(), present.double(), S, B, C) + (
+        1 - p
+    ) * reference_loss(pred.double(), absent.double(), S, B, C)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_zero_iou_falls_back_to_the_nearest_predictor():
     S, B, C = 2, 2, 1
     target = encode_targets(torch.tensor([[0.1, 0.1, 0.2, 0.2]]), torch.tensor([0]), S, C)[None]

@@ -97,6 +97,7 @@ class CountingTeacher:
     sha256 = "ab" * 32
     input_size = (32, 32)
     class_names = list(VOC_CLASSES)
+    gives_class_probs = False
 
     def __init__(self):
         self.seen = 0
@@ -108,7 +109,17 @@ class CountingTeacher:
             "scores": torch.tensor([0.9, 0.2]),
             "labels": torch.tensor([11, 14]),  # dog, person
         }
+        if self.gives_class_probs:  # dog 0.9 = objectness 0.95 * P(dog) 0.947..., cat 0.5
+            probs = torch.zeros(2, 20)
+            probs[0, 11], probs[0, 7], probs[1, 14] = 0.9 / 0.95, 0.5, 0.4
+            det["class_probs"] = probs
         return [det for _ in range(len(images))]
+
+
+class SoftCountingTeacher(CountingTeacher):
+    """The same detections, with each box's class probabilities, as a Darknet teacher gives."""
+
+    gives_class_probs = True
 
 
 def test_class_mapping_by_name_and_superset_check():
@@ -150,6 +161,97 @@ def test_labels_are_cached_by_teacher_and_image_content(tmp_path):
     write_image(images[0], 40, 30, [(5, 5, 20, 20)])  # new content: labelled again
     label_images(teacher, images, tmp_path / "cache", batch_size=2, progress=False)
     assert teacher.seen == 4
+
+
+def test_soft_labels_are_cached_and_old_entries_without_them_relabelled(tmp_path):
+    write_image(tmp_path / "a.png", 40, 30, [(0, 0, 10, 10)])
+    images = [tmp_path / "a.png"]
+    hard = CountingTeacher()
+    label_images(hard, images, tmp_path / "cache", progress=False)
+    soft = SoftCountingTeacher()  # same sha256: the hard entry lacks class_probs, so relabel
+    (entry,) = label_images(soft, images, tmp_path / "cache", progress=False).values()
+    assert soft.seen == 1
+    assert entry["objectness"] == pytest.approx([0.95, 0.5], abs=1e-4)  # score / P(label)
+    assert entry["class_probs"][0][7] == 0.5 and len(entry["class_probs"][1]) == 20
+    label_images(soft, images, tmp_path / "cache", progress=False)
+    label_images(hard, images, tmp_path / "cache", progress=False)
+    assert soft.seen == 1 and hard.seen == 1  # cached for both from now on
+
+
+def test_soft_teacher_annotation_maps_and_normalises_class_probabilities():
+    # Teacher classes cat, dog, cow; the student has dog, cat: cow's probability is dropped.
+    labels = {"boxes": [[0.1, 0.2, 0.5, 0.6]], "scores": [0.54], "labels": [1], "size": [10, 10],
+              "class_probs": [[0.2, 0.6, 0.5]], "objectness": [0.9]}  # fmt: skip
+    mapping = class_mapping(["cat", "dog", "cow"], ["dog", "cat"])
+    ann = teacher_annotation(Path("x.jpg"), labels, mapping, 0.3, soft=True)
+    torch.testing.assert_close(ann.class_probs, torch.tensor([[0.75, 0.25]]))  # 0.6, 0.2 / 0.8
+    torch.testing.assert_close(ann.objectness, torch.tensor([0.9]))
+    assert ann.labels.tolist() == [0]
+    empty = teacher_annotation(Path("x.jpg"), labels, mapping, 0.6, soft=True)
+    assert empty.class_probs.shape == (0, 2) and empty.objectness.shape == (0,)
+    hard_only = {k: v for k, v in labels.items() if k not in ("class_probs", "objectness")}
+    with pytest.raises(ValueError, match="no class probabilities"):
+        teacher_annotation(Path("x.jpg"), hard_only, mapping, 0.3, soft=True)
+
+
+def test_soft_fill_keeps_annotated_boxes_hard():
+    labels = {"boxes": [[0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 0.9, 0.9]], "scores": [0.9, 0.6],
+              "labels": [1, 0], "size": [100, 100], "class_probs": [[0.1, 0.9], [0.8, 0.2]],
+              "objectness": [1.0, 0.75]}  # fmt: skip
+    teacher_ann = teacher_annotation(Path("x"), labels, [0, 1], 0.3, soft=True)
+    truth = teacher_annotation(
+        Path("x"),
+        {**labels, "boxes": [[0.1, 0.1, 0.5, 0.52]], "scores": [1.0], "labels": [0]},
+        [0, 1],
+        0.3,
+    )
+    filled = fill_unlabelled_objects(truth, teacher_ann)
+    assert filled.labels.tolist() == [0, 0]
+    torch.testing.assert_close(filled.class_probs, torch.tensor([[1.0, 0.0], [0.8, 0.2]]))
+    torch.testing.assert_close(filled.objectness, torch.tensor([1.0, 0.75]))
+
+
+def test_soft_targets_follow_their_boxes_through_the_augmentation(tmp_path):
+    """A mirrored view moves each box's class distribution and objectness with it; a box
+    pushed out of the image is dropped with them (torchvision's SanitizeBoundingBoxes)."""
+    from torchvision.transforms import v2
+
+    from model.data import target_grid
+
+    write_image(tmp_path / "a.png", 64, 64, [(0, 0, 16, 32), (40, 40, 60, 60)])
+    labels = {"boxes": [[0.0, 0.0, 0.25, 0.5], [0.625, 0.625, 0.9375, 0.9375]],
+              "scores": [0.9, 0.8], "labels": [3, 5], "size": [64, 64],
+              "class_probs": [[0.0] * 3 + [0.6, 0.4] + [0.0] * 15,
+                              [0.0] * 5 + [1.0] + [0.0] * 14],
+              "objectness": [0.9, 0.8]}  # fmt: skip
+    ann = teacher_annotation(tmp_path / "a.png", labels, list(range(20)), 0.3, soft=True)
+    mirror = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.ClampBoundingBoxes(),
+                         v2.ToDtype(torch.float32, scale=True)])  # fmt: skip
+    _, target = DetectionDataset([ann], 64, train=False, transform=mirror)[0]
+    grid = target_grid(target, 2, 20)  # S = 2: box 0 (centre 8, 16) mirrors into cell (0, 1)
+    torch.testing.assert_close(grid[0, 1, 3:5], torch.tensor([0.6, 0.4]))
+    assert grid[0, 1, 20] == pytest.approx(0.9) and grid[1, 0, 20] == pytest.approx(0.8)
+    assert grid[0, 0, 20] == 0 and grid[1, 0, 5] == 1
+    torch.manual_seed(0)
+    dropped = 0
+    for _ in range(40):  # the training augmentation moves boxes up to 20 % out of the image
+        _, target = DetectionDataset([ann], 32, train=True)[0]
+        k = len(target["boxes"])
+        dropped += k < 2
+        assert target["class_probs"].shape == (k, 20) and target["objectness"].shape == (k,)
+        for label, probs in zip(target["labels"], target["class_probs"], strict=True):
+            assert probs[label] == probs.max()  # each distribution stayed with its box
+    assert dropped  # ... and some views lost a box, with its soft targets
+
+
+def test_hard_and_soft_annotations_do_not_mix_in_one_dataset():
+    labels = {"boxes": [[0.1, 0.2, 0.5, 0.6]], "scores": [0.9], "labels": [0], "size": [10, 10],
+              "class_probs": [[1.0, 0.0]], "objectness": [0.9]}  # fmt: skip
+    soft = teacher_annotation(Path("x.jpg"), labels, [0, 1], 0.3, soft=True)
+    hard = teacher_annotation(Path("y.jpg"), labels, [0, 1], 0.3)
+    with pytest.raises(ValueError, match="soft targets or none"):
+        DetectionDataset([soft, hard], 64, train=True)
+    assert DetectionDataset([soft, hard.with_soft_targets(2)], 64, train=True)
 
 
 def test_teacher_annotation_scales_to_pixels_and_thresholds():
@@ -233,12 +335,14 @@ def test_train_with_teacher_backbone_and_cached_features(tmp_path):
          "--backbone", str(cfg), str(weights), "--backbone-layer", "4",
          "--teacher", str(cfg), str(weights), "--teacher-threshold", "0.0",
          "--unlabeled", str(unlabeled), "--cache-views", "3", "--train-from-layer", "4",
+         "--teacher-fill", "--soft-targets",
          "--freeze-backbone-epochs", "1", "--out", str(out)]
     )  # fmt: skip
     best = main(args)
     model, meta = load_checkpoint(best)
     assert meta["grid_size"] == 2 and meta["architecture"]["darknet_cfg"].startswith("[net]")
     assert meta["training"]["teacher"]["unlabeled_images"] == 3
+    assert meta["training"]["teacher"]["soft_targets"] is True
     assert meta["input"]["mean"] == [0.0, 0.0, 0.0]
     # The pretrained layers before --train-from-layer are the teacher's, untouched.
     teacher = load_darknet(cfg, weights)
@@ -271,6 +375,24 @@ def test_one_of_our_checkpoints_can_teach(tmp_path, weights):
     with torch.no_grad():
         (expected,) = postprocess(model(image[None]), 2, 20, 0.05, 0.45)
     assert labels[tmp_path / "a.png"]["labels"] == expected["labels"].tolist()
+
+
+def test_soft_targets_need_a_darknet_teacher(tmp_path, weights, capsys):
+    from model.train import cli
+
+    voc = make_voc(tmp_path / "voc", {"a": (64, 64, [("dog", 5, 5, 40, 50, 0)])})
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("a\n")
+    base = ["--data", str(voc), "--img-size", "64", "--epochs", "1", "--workers", "0",
+            "--no-progress", "--out", str(tmp_path / "w.safetensors")]  # fmt: skip
+    for extra, message in (
+        (["--teacher", str(weights), "--soft-targets"], "needs a Darknet teacher"),
+        (["--soft-targets"], "need a --teacher"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(base + extra)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_cached_features_serve_new_labels_of_the_same_images(tmp_path):
