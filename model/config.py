@@ -71,7 +71,7 @@ class ArchConfig:
     layers: tuple[Layer, ...]
     head_hidden: int = 496  # the seed's hidden width; the paper uses 4096; 0: no hidden layer
     head_dropout: float = 0.0  # the seed uses 0.0; the paper 0.5
-    downsample: int = 64  # input pixels per grid cell: 448 / 64 = 7 = S
+    downsample: int = 64  # the input size must be a multiple of this (448 / 64 = 7 = S)
     # Darknet's [local] before the connected layers (yolov1.cfg): (size, filters, stride, pad,
     # activation); None: no local layer.
     head_local: tuple[int, int, int, int, str] | None = None

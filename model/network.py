@@ -82,6 +82,21 @@ def build_darknet(
     return nn.Sequential(*modules), channels
 
 
+def output_size(modules: nn.Sequential, size: int) -> int:
+    """The side of the (square) feature map that ``build_darknet``'s modules make of ``size``."""
+    for module in modules:
+        if isinstance(module, CNNBlock):
+            (k, _), (stride, _), (pad, _) = (
+                module.conv.kernel_size, module.conv.stride, module.conv.padding
+            )
+            size = (size + 2 * pad - k) // stride + 1
+        elif isinstance(module, nn.MaxPool2d):
+            size = (size - module.kernel_size) // module.stride + 1
+        elif isinstance(module, MaxPool):
+            size = module.out_size(size)
+    return size
+
+
 class DarknetStem(nn.Module):
     """A Darknet cfg's layers (a pretrained backbone) as the first part of the network."""
 
@@ -127,8 +142,7 @@ class YOLOv1(nn.Module):
         self.num_classes = num_classes  # C
         self.boxes_per_cell = boxes_per_cell  # B
         self.image_size = image_size
-        self.grid_size = image_size // arch.downsample  # S in the paper
-        S, B, C = self.grid_size, boxes_per_cell, num_classes
+        B, C = boxes_per_cell, num_classes
         # Normalisation is part of the network, so every backend sees the same [0, 1] input.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1))
@@ -138,6 +152,12 @@ class YOLOv1(nn.Module):
             self.stem = DarknetStem(arch.darknet_cfg, image_size)
             channels = self.stem.out_channels
         self.darknet, channels = build_darknet(arch.layers, channels, arch.batchnorm_eps)
+        size = self.stem.net.out_size[0] if self.stem is not None else image_size
+        # S in the paper: 448 / 64 = 7 for the seed's layers; a valid head conv on a stem's
+        # 9 x 9 map (288 / 32) makes 7 too.
+        self.grid_size = S = output_size(self.darknet, size)
+        if S < 1:
+            raise ValueError(f"image_size {image_size} leaves no grid ({S}x{S}) after the layers")
         self.local = None
         if arch.head_local is not None:
             size, filters, stride, pad, activation = arch.head_local

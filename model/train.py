@@ -115,18 +115,25 @@ def init_from(model: YOLOv1, path: Path) -> None:
 
 # The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,
 # then the YOLOv1 connected layers. Dropout 0.3: the labelled set is small.
-STUDENT_HEAD_LAYERS = ((3, 256, 1, 1),)
+STUDENT_HEAD_CONV = (3, 256, 1, 1)
 STUDENT_HEAD_DROPOUT = 0.3
 
 
-def backbone_arch(cfg: Path, layer: int, dropout: float = STUDENT_HEAD_DROPOUT) -> ArchConfig:
-    """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map)."""
+def backbone_arch(
+    cfg: Path, layer: int, dropout: float = STUDENT_HEAD_DROPOUT, valid_head: bool = False
+) -> ArchConfig:
+    """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
+
+    ``valid_head``: the head's 3x3 conv has no padding, so the grid is the feature map less 2
+    (288 px: a 9 x 9 map, the 7 x 7 grid), for inputs larger than 32 S.
+    """
     sections = read_cfg(cfg)
     if not 0 <= layer < len(sections) - 1:
         raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{len(sections) - 2}")
+    kernel, filters, stride, pad = STUDENT_HEAD_CONV
     return ArchConfig(
         name=f"yolov1-{cfg.stem}",
-        layers=STUDENT_HEAD_LAYERS,
+        layers=((kernel, filters, stride, 0 if valid_head else pad),),
         head_hidden=496,
         head_dropout=dropout,
         downsample=32,
@@ -155,6 +162,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--head-dropout", type=float, default=STUDENT_HEAD_DROPOUT,
         help="dropout of the head put on a --backbone",
+    )  # fmt: skip
+    p.add_argument(
+        "--valid-head-conv", action="store_true",
+        help="the --backbone head's 3x3 conv without padding: the grid is the stride-32 map "
+        "less 2 (--img-size 288: the 7x7 grid)",
     )  # fmt: skip
     p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
@@ -193,7 +205,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--train-from-layer", type=int,
         help="with --cache-views: the first backbone layer that trains (earlier ones are cached)",
     )  # fmt: skip
-    p.add_argument("--img-size", type=int, default=448, help="multiple of 64; S = img_size / 64")
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=448,
+        help="input side: a multiple of the stride (64; 32 with --backbone)",
+    )
     p.add_argument("--boxes-per-cell", type=int, default=2)
     p.add_argument("--epochs", type=int, default=135)
     p.add_argument("--batch-size", type=int, default=64)
@@ -330,7 +347,7 @@ class Trainer:
         if a.backbone:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
-            arch = backbone_arch(a.backbone[0], a.backbone_layer, a.head_dropout)
+            arch = backbone_arch(a.backbone[0], a.backbone_layer, a.head_dropout, a.valid_head_conv)
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             darknet = load_darknet(a.backbone[0], a.backbone[1], upto=a.backbone_layer)
             model.stem.net.load_state_dict(darknet.state_dict())

@@ -377,6 +377,28 @@ def test_one_of_our_checkpoints_can_teach(tmp_path, weights):
     assert labels[tmp_path / "a.png"]["labels"] == expected["labels"].tolist()
 
 
+def test_a_valid_head_conv_keeps_the_grid_on_a_larger_input(tmp_path):
+    """--valid-head-conv: the 3x3 head conv without padding turns the stem's (S+2)x(S+2) map
+    into the SxS grid, and the checkpoint says so (it reloads with that grid)."""
+    from model.checkpoint import save_checkpoint
+    from model.network import YOLOv1
+    from model.train import backbone_arch
+
+    cfg, _ = write_tiny_yolo(tmp_path)
+    same = YOLOv1(backbone_arch(cfg, 4), 20, 2, 128, mean=(0, 0, 0), std=(1, 1, 1))
+    valid = YOLOv1(backbone_arch(cfg, 4, valid_head=True), 20, 2, 128, mean=(0, 0, 0),
+                   std=(1, 1, 1)).eval()  # fmt: skip
+    assert same.grid_size == 4 and valid.grid_size == 2  # 128 / 32 = 4, less 2
+    with torch.no_grad():
+        assert valid(torch.rand(1, 3, 128, 128)).shape == (1, 2, 2, 30)
+    path = save_checkpoint(tmp_path / "v.safetensors", valid, {"class_names": list(VOC_CLASSES)})
+    model, meta = load_checkpoint(path)
+    assert model.grid_size == meta["grid_size"] == 2
+    with torch.no_grad():
+        x = torch.rand(2, 3, 128, 128)
+        torch.testing.assert_close(model(x), valid(x))
+
+
 def test_soft_targets_need_a_darknet_teacher(tmp_path, weights, capsys):
     from model.train import cli
 
