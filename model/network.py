@@ -87,7 +87,9 @@ def output_size(modules: nn.Sequential, size: int) -> int:
     for module in modules:
         if isinstance(module, CNNBlock):
             (k, _), (stride, _), (pad, _) = (
-                module.conv.kernel_size, module.conv.stride, module.conv.padding
+                module.conv.kernel_size,
+                module.conv.stride,
+                module.conv.padding,
             )
             size = (size + 2 * pad - k) // stride + 1
         elif isinstance(module, nn.MaxPool2d):
