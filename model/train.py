@@ -115,25 +115,32 @@ def init_from(model: YOLOv1, path: Path) -> None:
 
 # The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,
 # then the YOLOv1 connected layers. Dropout 0.3: the labelled set is small.
-STUDENT_HEAD_CONV = (3, 256, 1, 1)
+STUDENT_HEAD_FILTERS = 256
 STUDENT_HEAD_DROPOUT = 0.3
 
 
 def backbone_arch(
-    cfg: Path, layer: int, dropout: float = STUDENT_HEAD_DROPOUT, valid_head: bool = False
+    cfg: Path,
+    layer: int,
+    dropout: float = STUDENT_HEAD_DROPOUT,
+    valid_head: bool = False,
+    kernel: int = 3,
 ) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
 
-    ``valid_head``: the head's 3x3 conv has no padding, so the grid is the feature map less 2
-    (288 px: a 9 x 9 map, the 7 x 7 grid), for inputs larger than 32 S.
+    The head's conv is ``kernel`` x ``kernel``, padded to keep the map's size, or with
+    ``valid_head`` not padded, so that the grid is the map less ``kernel - 1``: a larger input
+    keeps the 7 x 7 grid (288 px: a 9 x 9 map and a 3 x 3 conv; 352 px: 11 x 11 and 5 x 5).
     """
+    if kernel < 1 or (not valid_head and kernel % 2 == 0):
+        raise ValueError(f"head kernel {kernel}: must be >= 1, and odd unless the conv is valid")
     sections = read_cfg(cfg)
     if not 0 <= layer < len(sections) - 1:
         raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{len(sections) - 2}")
-    kernel, filters, stride, pad = STUDENT_HEAD_CONV
+    pad = 0 if valid_head else kernel // 2
     return ArchConfig(
         name=f"yolov1-{cfg.stem}",
-        layers=((kernel, filters, stride, 0 if valid_head else pad),),
+        layers=((kernel, STUDENT_HEAD_FILTERS, 1, pad),),
         head_hidden=496,
         head_dropout=dropout,
         downsample=32,
@@ -165,9 +172,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--valid-head-conv", action="store_true",
-        help="the --backbone head's 3x3 conv without padding: the grid is the stride-32 map "
-        "less 2 (--img-size 288: the 7x7 grid)",
+        help="the --backbone head's conv without padding: the grid is the stride-32 map less "
+        "--head-kernel - 1 (--img-size 288 and kernel 3: the 7x7 grid)",
     )  # fmt: skip
+    p.add_argument("--head-kernel", type=int, default=3, help="the --backbone head conv's size")
     p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
         help="train only the head for this many epochs first",
@@ -347,7 +355,9 @@ class Trainer:
         if a.backbone:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
-            arch = backbone_arch(a.backbone[0], a.backbone_layer, a.head_dropout, a.valid_head_conv)
+            arch = backbone_arch(
+                a.backbone[0], a.backbone_layer, a.head_dropout, a.valid_head_conv, a.head_kernel
+            )
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             darknet = load_darknet(a.backbone[0], a.backbone[1], upto=a.backbone_layer)
             model.stem.net.load_state_dict(darknet.state_dict())

@@ -391,6 +391,11 @@ def test_a_valid_head_conv_keeps_the_grid_on_a_larger_input(tmp_path):
     assert same.grid_size == 4 and valid.grid_size == 2  # 128 / 32 = 4, less 2
     with torch.no_grad():
         assert valid(torch.rand(1, 3, 128, 128)).shape == (1, 2, 2, 30)
+    five = YOLOv1(backbone_arch(cfg, 4, valid_head=True, kernel=5), 20, 2, 192,
+                  mean=(0, 0, 0), std=(1, 1, 1))  # fmt: skip
+    assert five.grid_size == 2  # 192 / 32 = 6, less 4
+    with pytest.raises(ValueError, match="odd unless the conv is valid"):
+        backbone_arch(cfg, 4, kernel=4)
     path = save_checkpoint(tmp_path / "v.safetensors", valid, {"class_names": list(VOC_CLASSES)})
     model, meta = load_checkpoint(path)
     assert model.grid_size == meta["grid_size"] == 2
