@@ -47,7 +47,7 @@ def serve(weights: Path) -> Serve:
     async def running(**overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
         settings = Settings(**{"weights": weights, "backend": "torch", **overrides})
         app = create_app(settings)
-        async with LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager:
+        async with LifespanManager(app, startup_timeout=180, shutdown_timeout=60) as manager:
             transport = httpx.ASGITransport(manager.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 yield client, app
