@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def hard_targets(labels: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Annotated boxes as soft targets: one-hot class distributions (K, C), objectness 1 (K,)."""
+    return torch.nn.functional.one_hot(labels, C).float(), torch.ones(len(labels))
+
+
 def encode_targets(
     boxes: torch.Tensor,
     labels: torch.Tensor,
@@ -43,8 +48,7 @@ def encode_targets(
     if (class_probs is None) != (objectness is None):
         raise ValueError("class_probs and objectness go together: give both or neither")
     if class_probs is None:
-        class_probs = torch.nn.functional.one_hot(labels, C).float()
-        objectness = torch.ones(len(labels))
+        class_probs, objectness = hard_targets(labels, C)
     if class_probs.shape != (len(labels), C) or objectness.shape != labels.shape:
         raise ValueError(
             f"class_probs must be ({len(labels)}, {C}) and objectness ({len(labels)},), got "

@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from model.boxes import encode_targets
+from model.boxes import encode_targets, hard_targets
 from model.config import VOC_CLASSES
 from model.files import IMAGE_EXTENSIONS
 
@@ -98,11 +98,8 @@ class Annotation:
         """This annotation with explicit soft targets (hard ones: one-hot classes, certain)."""
         if self.soft:
             return self
-        return replace(
-            self,
-            class_probs=torch.nn.functional.one_hot(self.labels, num_classes).float(),
-            objectness=torch.ones(len(self.labels)),
-        )
+        class_probs, objectness = hard_targets(self.labels, num_classes)
+        return replace(self, class_probs=class_probs, objectness=objectness)
 
 
 class _DropItem(Exception):
@@ -462,7 +459,7 @@ def read_datasets(
 PER_BOX = ("labels", "difficult", "class_probs", "objectness")
 
 
-def _labels_and_difficult(inputs: Any) -> tuple[torch.Tensor, ...]:
+def _per_box_tensors(inputs: Any) -> tuple[torch.Tensor, ...]:
     """SanitizeBoundingBoxes' labels_getter: drop every per-box tensor with its box."""
     _, target = inputs
     return tuple(target[key] for key in PER_BOX if key in target)
@@ -492,7 +489,7 @@ def build_transform(image_size: int, train: bool) -> v2.Compose:
             v2.ColorJitter(brightness=0.5, saturation=0.5, hue=HUE_JITTER),
             v2.RandomHorizontalFlip(p=0.5),
             v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIZE_PX, labels_getter=_labels_and_difficult),
+            v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIZE_PX, labels_getter=_per_box_tensors),
             to_float,
         ]
     )
