@@ -166,8 +166,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("yolov1-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, help="a .safetensors checkpoint")
     parser.add_argument(
-        "--teacher", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"),
-        help="score a Darknet [yolo] detector (VOC classes) instead of --weights",
+        "--teacher", nargs=2, type=Path, action="append", metavar=("CFG", "WEIGHTS"),
+        help="score a Darknet [yolo] detector (VOC classes) instead of --weights; given more "
+        "than once, the detectors' vote (the ensemble teacher of yolov1-train)",
     )  # fmt: skip
     parser.add_argument("--data", required=True, nargs="+", type=Path, help="dataset root(s)")
     parser.add_argument("--format", choices=("voc", "yolo"), default="voc")
@@ -199,9 +200,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main_teacher(args: argparse.Namespace) -> dict[str, Any]:
     """Score a Darknet detector on the same data, with the same matching, as a checkpoint."""
-    from model.teacher import load_teacher, predict_teacher
+    from model.teacher import load_teachers, predict_teacher
 
-    teacher = load_teacher(args.teacher)
+    teacher = load_teachers(args.teacher)
     annotations = read_datasets(args.data, args.format, args.split, teacher.class_names)
     start = time.perf_counter()
     predictions = predict_teacher(teacher, annotations)

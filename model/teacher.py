@@ -5,6 +5,7 @@ image is labelled once, on the plainly resized full image, and the labels are ca
 the teacher's and the image's SHA-256; training then treats them as ground truth, so every crop,
 flip and scale moves them exactly as it moves annotated boxes. A Darknet teacher's labels also
 keep each box's class distribution and objectness, the soft targets of ``--soft-targets``.
+Several Darknet teachers (``--teacher`` repeated) vote as one ``EnsembleTeacher``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,127 @@ class CheckpointTeacher(Teacher):
         return postprocess(m(images), m.boxes_per_cell, m.num_classes, threshold, 0.45)
 
 
+class EnsembleTeacher(Teacher):
+    """Several Darknet teachers voting on each object (``--teacher`` given more than once).
+
+    Every member runs on the same image; their detections are fused by ``fuse_detections``: a
+    box the members agree on gets their mean class distribution (so two members calling an
+    animal a horse outvote one calling it a cow) and an objectness that counts the members
+    that saw it. Labels are cached per member, so adding a member labels only with it.
+    """
+
+    def __init__(self, members: Sequence[Teacher], iou_threshold: float = 0.5):
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs two teachers or more, got {len(members)}")
+        if not all(m.gives_class_probs for m in members):
+            raise ValueError("an ensemble takes Darknet teachers (CFG WEIGHTS) only: "
+                             "a checkpoint teacher gives no class distribution")  # fmt: skip
+        names = {tuple(m.class_names) for m in members}
+        if len(names) != 1:
+            raise ValueError(f"the ensemble's teachers name their classes differently: {names}")
+        self.members = list(members)
+        self.iou_threshold = iou_threshold
+        self.class_names = list(members[0].class_names)
+        self.input_size = members[0].input_size
+        digest = hashlib.sha256(f"ensemble iou={iou_threshold}".encode())
+        for member in members:
+            digest.update(bytes.fromhex(member.sha256))
+        self.sha256 = digest.hexdigest()
+        self.kind = "ensemble"
+
+    @torch.inference_mode()
+    def detect(self, images: torch.Tensor, threshold: float) -> list[dict[str, torch.Tensor]]:
+        per_member = []
+        for member in self.members:
+            view = images
+            if tuple(images.shape[-2:]) != member.input_size:
+                view = F.resize(images, list(member.input_size), antialias=True)
+            # Members report down to a floor well under the threshold: a box one member sees
+            # weakly still adds its vote when another sees it strongly.
+            per_member.append(member.detect(view, min(threshold, CACHE_FLOOR)))
+        return [
+            fuse_detections([with_objectness(d[n]) for d in per_member], threshold,
+                            self.iou_threshold)
+            for n in range(images.shape[0])
+        ]  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "fusion_iou": self.iou_threshold,
+            "members": [m.describe() for m in self.members],
+            "input_size": list(self.input_size),
+        }
+
+
+def with_objectness(detections: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``objectness`` (K,) to a Darknet detector's detections: score / chosen class prob."""
+    chosen = detections["class_probs"].gather(1, detections["labels"][:, None])[:, 0]
+    return detections | {"objectness": detections["scores"] / chosen.clamp(min=1e-6)}
+
+
+def fuse_detections(
+    detections: Sequence[dict[str, torch.Tensor]],
+    threshold: float,
+    iou_threshold: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Fuse M detectors' detections of one image into one set (a vote per object).
+
+    Each input holds ``boxes`` (K, 4) xyxy (any one scale), ``scores`` (K,), ``labels`` (K,),
+    ``class_probs`` (K, C) and ``objectness`` (K,). Greedily, highest score first, a box and
+    every not yet used box overlapping it by IoU >= ``iou_threshold`` (whatever their classes)
+    form an object; from each member the object takes that member's best-scored box. The object
+    is the score-weighted mean of those boxes, its class distribution their mean, and its
+    objectness their sum / M (a member that missed it votes 0). Like a detector's output, an
+    object gives one detection per class whose objectness x probability is above ``threshold``.
+    Returns ``boxes``, ``scores`` (decreasing), ``labels``, ``class_probs`` and ``objectness``.
+    """
+    from torchvision.ops import box_iou
+
+    M = len(detections)
+    boxes = torch.cat([d["boxes"] for d in detections])  # (K, 4)
+    scores = torch.cat([d["scores"] for d in detections])
+    objectness = torch.cat([d["objectness"] for d in detections])
+    probs = torch.cat([d["class_probs"] for d in detections])  # (K, C)
+    member = torch.cat([torch.full((len(d["boxes"]),), m) for m, d in enumerate(detections)])
+    overlap = box_iou(boxes, boxes) >= iou_threshold  # (K, K)
+    used = torch.zeros(len(boxes), dtype=torch.bool)
+    fused_boxes, fused_obj, fused_probs = [], [], []
+    for i in scores.argsort(descending=True).tolist():
+        if used[i]:
+            continue
+        group = (overlap[i] & ~used).nonzero()[:, 0]
+        used[group] = True
+        best = [group[member[group] == m] for m in range(M)]
+        best = torch.stack([g[scores[g].argmax()] for g in best if len(g)])
+        weights = scores[best]
+        fused_boxes.append((boxes[best] * weights[:, None]).sum(0) / weights.sum())
+        fused_obj.append(objectness[best].sum() / M)
+        fused_probs.append(probs[best].mean(0))
+    C = probs.shape[1]
+    if not fused_boxes:
+        return {
+            "boxes": boxes.new_zeros((0, 4)),
+            "scores": scores.new_zeros((0,)),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "class_probs": probs.new_zeros((0, C)),
+            "objectness": scores.new_zeros((0,)),
+        }
+    obj, cls = torch.stack(fused_obj), torch.stack(fused_probs)  # (G,), (G, C)
+    index, labels = (obj[:, None] * cls > threshold).nonzero(as_tuple=True)
+    out_scores = obj[index] * cls[index, labels]
+    order = out_scores.argsort(descending=True)
+    index, labels = index[order], labels[order]
+    return {
+        "boxes": torch.stack(fused_boxes)[index],
+        "scores": out_scores[order],
+        "labels": labels,
+        "class_probs": cls[index],
+        "objectness": obj[index],
+    }
+
+
 def load_teacher(spec: Sequence[str | Path], class_names: Sequence[str] | None = None) -> Teacher:
     """``[CFG, WEIGHTS]`` (Darknet) or ``[CHECKPOINT]`` -> a teacher in inference mode."""
     if len(spec) == 1:
@@ -106,6 +228,14 @@ def load_teacher(spec: Sequence[str | Path], class_names: Sequence[str] | None =
     if len(spec) == 2:
         return Teacher(Path(spec[0]), Path(spec[1]), class_names)
     raise ValueError(f"--teacher takes CFG WEIGHTS or one checkpoint, got {list(spec)}")
+
+
+def load_teachers(
+    specs: Sequence[Sequence[str | Path]], class_names: Sequence[str] | None = None
+) -> Teacher:
+    """One ``--teacher`` spec -> that teacher; several -> an ``EnsembleTeacher`` of them."""
+    teachers = [load_teacher(spec, class_names) for spec in specs]
+    return teachers[0] if len(teachers) == 1 else EnsembleTeacher(teachers)
 
 
 def class_mapping(teacher_names: Sequence[str], student_names: Sequence[str]) -> list[int]:
@@ -181,6 +311,12 @@ def label_images(
     normalised, "scores": [...], "labels": [teacher class index], "size": [w, h]}}``; a Darknet
     teacher's also hold ``"class_probs"`` (a list of the teacher's C class probabilities per box)
     and ``"objectness"`` (per box; ``score = objectness * class_probs[label]``)."""
+    if isinstance(teacher, EnsembleTeacher):  # each member's labels are cached on their own
+        per_member = [label_images(m, paths, cache_dir, batch_size, progress)
+                      for m in teacher.members]  # fmt: skip
+        C = len(teacher.class_names)
+        return {p: _fuse_entries([labels[p] for labels in per_member], teacher.iou_threshold, C)
+                for p in paths}  # fmt: skip
     cache = LabelCache(cache_dir, teacher)
     keys = {path: file_sha256(path) for path in paths}
     todo = [
@@ -197,19 +333,9 @@ def label_images(
         images = torch.stack([image for image, _, _ in loaded])  # (n, 3, h, w)
         detections = teacher.detect(images, CACHE_FLOOR)
         for path, det, (_, w, h) in zip(chunk, detections, loaded, strict=True):
-            cache.entries[keys[path]] = {
-                "boxes": [[round(v, 5) for v in box] for box in det["boxes"].tolist()],
-                "scores": [round(v, 4) for v in det["scores"].tolist()],
-                "labels": det["labels"].tolist(),
-                "size": [w, h],
-            }
             if "class_probs" in det:
-                probs = det["class_probs"]  # (K, C)
-                chosen = probs.gather(1, det["labels"][:, None])[:, 0]
-                cache.entries[keys[path]] |= {
-                    "class_probs": [[round(v, 4) for v in row] for row in probs.tolist()],
-                    "objectness": [round(v, 4) for v in (det["scores"] / chosen).tolist()],
-                }
+                det = with_objectness(det)
+            cache.entries[keys[path]] = _cache_entry(det, w, h)
         bar.update(len(chunk))
         if (start // batch_size) % 20 == 19:
             cache.save()
@@ -217,6 +343,37 @@ def label_images(
     if todo:
         cache.save()
     return {p: cache.entries[keys[p]] for p in paths}
+
+
+def _cache_entry(det: dict[str, torch.Tensor], width: int, height: int) -> dict[str, Any]:
+    entry = {
+        "boxes": [[round(v, 5) for v in box] for box in det["boxes"].tolist()],
+        "scores": [round(v, 4) for v in det["scores"].tolist()],
+        "labels": det["labels"].tolist(),
+        "size": [width, height],
+    }
+    if "class_probs" in det:
+        entry["class_probs"] = [[round(v, 4) for v in row] for row in det["class_probs"].tolist()]
+        entry["objectness"] = [round(v, 4) for v in det["objectness"].tolist()]
+    return entry
+
+
+def _fuse_entries(
+    entries: Sequence[dict[str, Any]], iou_threshold: float, C: int
+) -> dict[str, Any]:
+    """The members' cached labels of one image -> the ensemble's (``fuse_detections``)."""
+    detections = [
+        {
+            "boxes": torch.tensor(e["boxes"], dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(e["scores"], dtype=torch.float32).reshape(-1),
+            "labels": torch.tensor(e["labels"], dtype=torch.int64).reshape(-1),
+            "class_probs": torch.tensor(e["class_probs"], dtype=torch.float32).reshape(-1, C),
+            "objectness": torch.tensor(e["objectness"], dtype=torch.float32).reshape(-1),
+        }
+        for e in entries
+    ]
+    width, height = entries[0]["size"]
+    return _cache_entry(fuse_detections(detections, CACHE_FLOOR, iou_threshold), width, height)
 
 
 def teacher_annotation(

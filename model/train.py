@@ -52,7 +52,7 @@ from model.teacher import (
     fill_unlabelled_objects,
     label_images,
     list_unlabeled,
-    load_teacher,
+    load_teachers,
     teacher_annotation,
 )
 
@@ -185,8 +185,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="learning rate of the --backbone layers relative to --lr",
     )  # fmt: skip
     p.add_argument(
-        "--teacher", nargs="+", metavar="CFG WEIGHTS | CKPT",
-        help="a pretrained detector that labels the --unlabeled images",
+        "--teacher", nargs="+", action="append", metavar="CFG WEIGHTS | CKPT",
+        help="a pretrained detector that labels the --unlabeled images; given more than once "
+        "(Darknet detectors), the teachers vote on each box",
     )  # fmt: skip
     p.add_argument("--teacher-names", type=Path, help="the teacher's class names (default: VOC)")
     p.add_argument("--teacher-threshold", type=float, default=0.3)
@@ -375,7 +376,7 @@ class Trainer:
         """Label --unlabeled images (and, with --teacher-fill, missed objects) by the teacher."""
         a = self.args
         names = load_class_names(a.teacher_names) if a.teacher_names else None
-        teacher = load_teacher(a.teacher, names)
+        teacher = load_teachers(a.teacher, names)
         mapping = class_mapping(teacher.class_names, self.class_names)
         if a.soft_targets and not teacher.gives_class_probs:
             raise ValueError("--soft-targets needs a Darknet teacher (CFG WEIGHTS): "

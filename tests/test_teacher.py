@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import make_voc, write_image
+from builders import SHARED, make_voc, write_image
 
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
@@ -16,9 +16,11 @@ from model.darknet import load_darknet
 from model.data import DetectionDataset
 from model.feature_cache import compute_features
 from model.teacher import (
+    EnsembleTeacher,
     Teacher,
     class_mapping,
     fill_unlabelled_objects,
+    fuse_detections,
     label_images,
     list_unlabeled,
     teacher_annotation,
@@ -448,3 +450,158 @@ def test_cached_features_serve_new_labels_of_the_same_images(tmp_path):
     torch.testing.assert_close(reused, features)
     assert empty[..., 20].sum() == 0 and targets[..., 20].sum() > 0
     assert len(list((tmp_path / "c").glob("features-*"))) == 1
+
+
+def detections(boxes, probs, objectness, labels=None) -> dict[str, torch.Tensor]:
+    """A Darknet detector's output: each box labelled with its most probable class."""
+    probs = torch.as_tensor(probs, dtype=torch.float32)
+    objectness = torch.tensor(objectness, dtype=torch.float32)
+    labels = probs.argmax(1) if labels is None else torch.tensor(labels)
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "scores": objectness * probs.gather(1, labels[:, None])[:, 0],
+        "labels": labels,
+        "class_probs": probs,
+        "objectness": objectness,
+    }
+
+
+def test_fusion_hand_worked():
+    # Member A: one object, class 0 (score 0.8), and the same box again as class 1 (score 0.08,
+    # kept by its class-wise NMS). Member B: the object (IoU 100/120 with A's) as class 1
+    # (score 0.6 x 0.9 = 0.54) and a second object only it sees (0.5 x 0.8 = 0.4).
+    a = detections([[0, 0, 10, 10], [0, 0, 10, 10]], [[1.0, 0.1], [1.0, 0.1]], [0.8, 0.8], [0, 1])
+    b = detections([[0, 0, 10, 12], [20, 20, 30, 30]], [[0.2, 0.9], [0.0, 0.8]], [0.6, 0.5])
+    fused = fuse_detections([a, b], threshold=0.1, iou_threshold=0.5)
+    # Object 1: box (0.8 x A + 0.54 x B) / 1.34; objectness (0.8 + 0.6) / 2 = 0.7; class
+    # distribution (0.6, 0.5): class 0 at 0.42, class 1 at 0.35. Object 2: objectness 0.5 / 2,
+    # distribution (0, 0.8): class 1 at 0.2; its class 0 (0.0) is under the threshold.
+    y2 = (0.8 * 10 + 0.54 * 12) / 1.34
+    torch.testing.assert_close(
+        fused["boxes"], torch.tensor([[0, 0, 10, y2], [0, 0, 10, y2], [20, 20, 30, 30.0]])
+    )
+    torch.testing.assert_close(fused["scores"], torch.tensor([0.42, 0.35, 0.2]))
+    assert fused["labels"].tolist() == [0, 1, 1]
+    torch.testing.assert_close(fused["objectness"], torch.tensor([0.7, 0.7, 0.25]))
+    torch.testing.assert_close(fused["class_probs"][2], torch.tensor([0.0, 0.8]))
+
+
+def test_two_teachers_outvote_the_third():
+    # The case of horses.jpg: one teacher calls the animal a cow, two call it a horse.
+    cow, horse = VOC_CLASSES.index("cow"), VOC_CLASSES.index("horse")
+    votes = []
+    for p_cow, p_horse, box in ((0.99, 0.01, [10, 10, 50, 40]), (0.1, 0.9, [12, 10, 52, 41]),
+                                (0.3, 0.7, [10, 12, 50, 40])):  # fmt: skip
+        probs = torch.zeros(1, 20)
+        probs[0, cow], probs[0, horse] = p_cow, p_horse
+        votes.append(detections([box], probs.tolist(), [0.9]))
+    fused = fuse_detections(votes, threshold=0.3)
+    assert fused["labels"].tolist() == [horse, cow]
+    torch.testing.assert_close(fused["scores"], torch.tensor([0.9 * 1.61 / 3, 0.9 * 1.39 / 3]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_member_with_separate_boxes_fuses_to_itself(seed):
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.arange(6.0)[:, None] * 20 + torch.tensor([0.0, 0.0, 10.0, 10.0])  # apart
+    probs = torch.rand(6, 5, generator=g) * 0.2
+    probs[torch.arange(6), torch.randint(0, 5, (6,), generator=g)] = 0.9  # one class stands out
+    det = detections(corners.tolist(), probs.tolist(), torch.rand(6, generator=g).tolist())
+    fused = fuse_detections([det], threshold=0.2)
+    keep = det["scores"] > 0.2
+    order = det["scores"][keep].argsort(descending=True)
+    for key in ("boxes", "scores", "labels", "class_probs", "objectness"):
+        torch.testing.assert_close(fused[key], det[key][keep][order])
+
+
+def test_fusion_of_nothing_is_typed_empty():
+    empty = detections([], torch.zeros(0, 20), [])
+    fused = fuse_detections([empty, empty], threshold=0.1)
+    assert fused["boxes"].shape == (0, 4) and fused["class_probs"].shape == (0, 20)
+    assert fused["labels"].dtype == torch.int64 and fused["scores"].shape == (0,)
+
+
+class VotingTeacher(SoftCountingTeacher):
+    """One box whose class distribution is given; a teacher of its own (sha256)."""
+
+    def __init__(self, name: str, probs: dict[str, float]):
+        super().__init__()
+        self.sha256 = name * 32
+        self.probs = torch.zeros(1, 20)
+        for cls, p in probs.items():
+            self.probs[0, VOC_CLASSES.index(cls)] = p
+
+    def detect(self, images: torch.Tensor, threshold: float) -> list[dict[str, torch.Tensor]]:
+        self.seen += len(images)
+        label = self.probs.argmax(1)
+        det = {"boxes": torch.tensor([[0.1, 0.1, 0.6, 0.7]]), "labels": label,
+               "scores": 0.8 * self.probs[0, label], "class_probs": self.probs}  # fmt: skip
+        return [det for _ in range(len(images))]
+
+
+def test_an_ensemble_labels_with_each_members_cache(tmp_path):
+    write_image(tmp_path / "a.png", 40, 30, [(0, 0, 10, 10)])
+    images = [tmp_path / "a.png"]
+    xl = VotingTeacher("a1", {"cow": 0.9, "horse": 0.1})
+    ensemble = EnsembleTeacher([xl, VotingTeacher("b2", {"horse": 0.8, "cow": 0.2})])
+    (entry,) = label_images(ensemble, images, tmp_path / "cache", progress=False).values()
+    # horse (0.1 + 0.8) / 2 = 0.45 against cow 0.55: the ensemble keeps both, cow first.
+    assert [VOC_CLASSES[k] for k in entry["labels"]] == ["cow", "horse"]
+    assert entry["scores"] == pytest.approx([0.8 * 0.55, 0.8 * 0.45], abs=1e-4)
+    assert entry["objectness"] == pytest.approx([0.8, 0.8], abs=1e-4) and entry["size"] == [40, 30]
+    nano = VotingTeacher("c3", {"horse": 0.9})
+    third = EnsembleTeacher([xl, ensemble.members[1], nano])
+    (entry,) = label_images(third, images, tmp_path / "cache", progress=False).values()
+    assert VOC_CLASSES[entry["labels"][0]] == "horse"  # outvoted
+    assert (xl.seen, ensemble.members[1].seen, nano.seen) == (1, 1, 1)  # each labelled once
+
+
+def test_an_ensemble_takes_darknet_teachers_that_agree_on_class_names(tmp_path):
+    one = VotingTeacher("a1", {"dog": 1.0})
+    with pytest.raises(ValueError, match="two teachers or more"):
+        EnsembleTeacher([one])
+    with pytest.raises(ValueError, match="Darknet teachers"):
+        EnsembleTeacher([one, CountingTeacher()])
+    other = VotingTeacher("b2", {"dog": 1.0})
+    other.class_names = list(reversed(VOC_CLASSES))
+    with pytest.raises(ValueError, match="name their classes differently"):
+        EnsembleTeacher([one, other])
+
+
+def test_an_ensemble_of_darknet_detectors_detects(tmp_path):
+    members = [Teacher(*write_tiny_yolo(tmp_path / f"t{seed}", seed)) for seed in (0, 1)]
+    ensemble = EnsembleTeacher(members)
+    assert ensemble.sha256 != members[0].sha256 and ensemble.describe()["members"][1]["kind"]
+    images = torch.rand(2, 3, 64, 64)
+    fused = ensemble.detect(images, threshold=0.05)
+    for n in range(2):  # the same as fusing the members' own detections
+        own = [m.detect(images[n : n + 1], 0.05)[0] for m in members]
+        for det in own:
+            det["objectness"] = det["scores"] / det["class_probs"].gather(
+                1, det["labels"][:, None])[:, 0]  # fmt: skip
+        expected = fuse_detections(own, 0.05)
+        torch.testing.assert_close(fused[n]["scores"], expected["scores"])
+        assert (fused[n]["scores"] > 0.05).all()
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not (SHARED / "teachers").is_dir(), reason="needs ../shared/teachers")
+def test_the_shared_teachers_vote_better_than_the_best_of_them():
+    from model.data import read_datasets
+    from model.evaluate import score
+    from model.teacher import load_teachers, predict_teacher
+
+    T = SHARED / "teachers"
+    specs = [
+        [T / "yolo-fastest-xl-voc" / f"yolo-fastest-xl.{ext}" for ext in ("cfg", "weights")],
+        [T / "mobilenetv2-yolov3-nano-voc" / f"MobileNetV2-YOLOv3-Nano-voc.{ext}"
+         for ext in ("cfg", "weights")],
+        [T / "yolo-fastest-voc" / f"yolo-fastest.{ext}" for ext in ("cfg", "weights")],
+    ]  # fmt: skip
+    annotations = read_datasets([SHARED / "datasets" / "voc2007_subset"], "voc", "val", VOC_CLASSES)
+
+    def val_map(teacher) -> float:
+        return score(predict_teacher(teacher, annotations), annotations, 20)["map50_11point"]
+
+    best_member = val_map(load_teachers(specs[:1]))  # Yolo-Fastest-XL, the best alone
+    assert val_map(load_teachers(specs)) > best_member + 0.02
