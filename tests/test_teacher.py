@@ -605,3 +605,19 @@ def test_the_shared_teachers_vote_better_than_the_best_of_them():
 
     best_member = val_map(load_teachers(specs[:1]))  # Yolo-Fastest-XL, the best alone
     assert val_map(load_teachers(specs)) > best_member + 0.02
+
+
+def test_eval_scores_the_vote_of_repeated_teachers(tmp_path, capsys):
+    from model.evaluate import get_args_parser as eval_parser
+    from model.evaluate import main as eval_main
+
+    voc = make_voc(tmp_path / "voc", {"a": (64, 64, [("dog", 5, 5, 40, 50, 0)])}, split="val")
+    specs = [write_tiny_yolo(tmp_path / f"t{seed}", seed) for seed in (0, 1)]
+    argv = ["--data", str(voc), "--split", "val"]
+    for cfg, weights in specs:
+        argv += ["--teacher", str(cfg), str(weights)]
+    result = eval_main(eval_parser().parse_args(argv))
+    members = result["teacher"]["members"]
+    assert result["teacher"]["kind"] == "ensemble" and len(members) == 2
+    assert {m["sha256"] for m in members} == {Teacher(*spec).sha256 for spec in specs}
+    assert 0.0 <= result["map50_11point"] <= 1.0 and "mAP@0.5" in capsys.readouterr().out
