@@ -121,7 +121,8 @@ class EnsembleTeacher(Teacher):
         self.members = list(members)
         self.iou_threshold = iou_threshold
         self.class_names = list(members[0].class_names)
-        self.input_size = members[0].input_size
+        # Images come at the largest member's size; the others see them scaled down.
+        self.input_size = max(m.input_size for m in members)
         digest = hashlib.sha256(f"ensemble iou={iou_threshold}".encode())
         for member in members:
             digest.update(bytes.fromhex(member.sha256))
