@@ -28,7 +28,7 @@ from model.teacher import (
     class_mapping,
     label_images,
     list_unlabeled,
-    load_teacher,
+    load_teachers,
     teacher_annotation,
 )
 
@@ -52,7 +52,10 @@ def matches(a_boxes, a_labels, b_boxes, b_labels, iou: float = 0.5) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", nargs=2, type=Path, required=True, metavar=("CFG", "WEIGHTS"))
+    p.add_argument(
+        "--teacher", nargs=2, type=Path, action="append", required=True, metavar=("CFG", "WEIGHTS"),
+        help="a Darknet detector; given more than once, their vote (as yolov1-train's)",
+    )  # fmt: skip
     p.add_argument("--images", nargs="+", type=Path, required=True)
     p.add_argument("--views", type=int, default=200)
     p.add_argument("--threshold", type=float, default=0.3)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label-cache", type=Path, help="teacher label cache (default: a temp dir)")
     a = p.parse_args(argv)
 
-    teacher = load_teacher(a.teacher)
+    teacher = load_teachers(a.teacher)
     mapping = class_mapping(teacher.class_names, list(VOC_CLASSES))
     paths = sorted(random.Random(a.seed).sample(list_unlabeled(a.images), a.views))
     with tempfile.TemporaryDirectory() as tmp:
