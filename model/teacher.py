@@ -312,14 +312,26 @@ def label_images(
     normalised, "scores": [...], "labels": [teacher class index], "size": [w, h]}}``; a Darknet
     teacher's also hold ``"class_probs"`` (a list of the teacher's C class probabilities per box)
     and ``"objectness"`` (per box; ``score = objectness * class_probs[label]``)."""
+    keys = {path: file_sha256(path) for path in paths}  # read each image once
     if isinstance(teacher, EnsembleTeacher):  # each member's labels are cached on their own
-        per_member = [label_images(m, paths, cache_dir, batch_size, progress)
+        per_member = [_cached_labels(m, paths, keys, cache_dir, batch_size, progress)
                       for m in teacher.members]  # fmt: skip
         C = len(teacher.class_names)
         return {p: _fuse_entries([labels[p] for labels in per_member], teacher.iou_threshold, C)
                 for p in paths}  # fmt: skip
+    return _cached_labels(teacher, paths, keys, cache_dir, batch_size, progress)
+
+
+def _cached_labels(
+    teacher: Teacher,
+    paths: Sequence[Path],
+    keys: dict[Path, str],
+    cache_dir: Path,
+    batch_size: int,
+    progress: bool,
+) -> dict[Path, dict[str, Any]]:
+    """``label_images`` for one detector, the images' SHA-256 ``keys`` given."""
     cache = LabelCache(cache_dir, teacher)
-    keys = {path: file_sha256(path) for path in paths}
     todo = [
         p for p in paths
         if keys[p] not in cache.entries
