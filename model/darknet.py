@@ -151,6 +151,51 @@ def sections_to_text(sections: list[Section]) -> str:
     return "\n".join(lines)
 
 
+def layer_inputs(sections: list[Section], index: int) -> list[int]:
+    """The layers whose outputs layer ``index`` reads (``sections[index + 1]``; absolute)."""
+    s = sections[index + 1]
+    if s.kind == "route":
+        return [i if i >= 0 else index + i for i in s.ints("layers")]
+    previous = [index - 1] if index > 0 else []
+    if s.kind == "shortcut":
+        return previous + [i if i >= 0 else index + i for i in s.ints("from")]
+    return previous
+
+
+def ancestors(sections: list[Section], index: int) -> set[int]:
+    """Layer ``index`` and every layer its output depends on."""
+    found, todo = set(), [index]
+    while todo:
+        i = todo.pop()
+        if i not in found:
+            found.add(i)
+            todo += layer_inputs(sections, i)
+    return found
+
+
+def prune_layers(sections: list[Section], keep: set[int]) -> tuple[list[Section], dict[int, int]]:
+    """The cfg with only the layers in ``keep``, references renumbered to absolute indices.
+
+    Returns the sections (``[net]`` first) and the map from old layer index to new. A kept
+    layer that reads a dropped one (through a route, a shortcut or as the layer before it)
+    raises ``DarknetError``: ``keep`` must hold everything its layers depend on.
+    """
+    index = {old: new for new, old in enumerate(sorted(keep))}
+    out = [sections[0]]
+    for old in sorted(keep):
+        s = sections[old + 1]
+        sources = layer_inputs(sections, old)
+        if any(i not in index for i in sources):
+            raise DarknetError(f"{s.where()}: reads a layer that is not kept ({sources})")
+        options = dict(s.options)
+        if s.kind == "route":
+            options["layers"] = ",".join(str(index[i]) for i in sources)
+        elif s.kind == "shortcut":
+            options["from"] = str(index[sources[-1]])
+        out.append(Section(s.kind, s.line, options, s.source))
+    return out, index
+
+
 # -- layers --------------------------------------------------------------------------------------
 
 

@@ -33,7 +33,15 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.config import ARCHITECTURES, VOC_CLASSES, ArchConfig
-from model.darknet import DarknetError, load_darknet, read_cfg, sections_to_text
+from model.darknet import (
+    DarknetError,
+    Section,
+    ancestors,
+    load_darknet,
+    prune_layers,
+    read_cfg,
+    sections_to_text,
+)
 from model.data import (
     Annotation,
     DetectionDataset,
@@ -104,19 +112,42 @@ def output_paths(out: Path) -> dict[str, Path]:
 
 
 def init_from(model: YOLOv1, path: Path) -> None:
-    """Copy every tensor of a checkpoint whose name and shape match (e.g. all but a new head)."""
+    """Copy every tensor of a checkpoint whose name and shape match (e.g. all but a new head).
+
+    A weight that only gained inputs (dimension 1: a conv after a route that now concatenates
+    more channels after the old ones) keeps the old weights for the old inputs and zeros for
+    the new: the network starts as the checkpoint's and learns to use what was added.
+    """
     source, _ = load_checkpoint(path)
     own = model.state_dict()
-    copied = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    copied, grown = {}, []
+    for k, v in source.state_dict().items():
+        if k not in own:
+            continue
+        if own[k].shape == v.shape:
+            copied[k] = v
+        elif _gained_inputs(own[k].shape, v.shape):
+            copied[k] = torch.zeros_like(own[k])
+            copied[k][:, : v.shape[1]] = v
+            grown.append(k)
     skipped = sorted(set(own) - set(copied))
     model.load_state_dict(copied, strict=False)
-    logger.info("initialised %d tensors from %s; kept %d new", len(copied), path, len(skipped))
+    logger.info(
+        "initialised %d tensors from %s (%d with new inputs at zero: %s); kept %d new",
+        len(copied), path, len(grown), ", ".join(grown) or "-", len(skipped),
+    )  # fmt: skip
+
+
+def _gained_inputs(own: torch.Size, old: torch.Size) -> bool:
+    same_rest = own[:1] == old[:1] and own[2:] == old[2:]
+    return len(own) == len(old) >= 2 and same_rest and own[1] > old[1]
 
 
 # The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,
 # then the YOLOv1 connected layers. Dropout 0.3: the labelled set is small.
 STUDENT_HEAD_FILTERS = 256
 STUDENT_HEAD_DROPOUT = 0.3
+STUDENT_FINE_FILTERS = 128  # the --backbone-fine-layer branch's 2 x 2 stride-2 conv
 
 
 def backbone_arch(
@@ -125,27 +156,69 @@ def backbone_arch(
     dropout: float = STUDENT_HEAD_DROPOUT,
     valid_head: bool = False,
     kernel: int = 3,
+    fine_layer: int | None = None,
 ) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
 
     The head's conv is ``kernel`` x ``kernel``, padded to keep the map's size, or with
     ``valid_head`` not padded, so that the grid is the map less ``kernel - 1``: a larger input
     keeps the 7 x 7 grid (288 px: a 9 x 9 map and a 3 x 3 conv; 352 px: 11 x 11 and 5 x 5).
+
+    ``fine_layer``: also a later layer of twice the resolution (a detector's stride-16 branch;
+    the cfg keeps the layers it depends on and drops the rest), brought to the stride-32 map's
+    size by a 2 x 2 stride-2 conv and concatenated after ``layer``'s channels: the head sees
+    finer detail (YOLOv2's passthrough idea) and the grid stays 7 x 7.
     """
     if kernel < 1 or (not valid_head and kernel % 2 == 0):
         raise ValueError(f"head kernel {kernel}: must be >= 1, and odd unless the conv is valid")
     sections = read_cfg(cfg)
-    if not 0 <= layer < len(sections) - 1:
-        raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{len(sections) - 2}")
+    last = len(sections) - 2
+    if not 0 <= layer < last + 1:
+        raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{last}")
+    backbone = sections[: layer + 2]
+    if fine_layer is not None:
+        if not layer < fine_layer <= last:
+            raise ValueError(f"--backbone-fine-layer {fine_layer}: must be in {layer + 1}..{last}")
+        keep = set(range(layer + 1)) | ancestors(sections, fine_layer)
+        backbone, index = prune_layers(sections, keep)
+        backbone += [
+            Section.of(
+                "convolutional",
+                batch_normalize=1,
+                filters=STUDENT_FINE_FILTERS,
+                size=2,
+                stride=2,
+                pad=0,
+                activation="leaky",
+            ),  # fmt: skip
+            Section.of("route", layers=f"{index[layer]},-1"),
+        ]
     pad = 0 if valid_head else kernel // 2
     return ArchConfig(
-        name=f"yolov1-{cfg.stem}",
+        name=f"yolov1-{cfg.stem}" + ("-fine" if fine_layer is not None else ""),
         layers=((kernel, STUDENT_HEAD_FILTERS, 1, pad),),
         head_hidden=496,
         head_dropout=dropout,
         downsample=32,
-        darknet_cfg=sections_to_text(sections[: layer + 2]),
+        darknet_cfg=sections_to_text(backbone),
     )
+
+
+def load_backbone(model: YOLOv1, cfg: Path, weights: Path, layer: int, fine: int | None) -> None:
+    """Fill ``model``'s stem (``backbone_arch``) with the pretrained layers of a Darknet file."""
+    sections = read_cfg(cfg)
+    darknet = load_darknet(cfg, weights, upto=fine if fine is not None else layer)
+    keep = set(range(layer + 1)) | (ancestors(sections, fine) if fine is not None else set())
+    _, index = prune_layers(sections, keep)
+    state = {}
+    for key, value in darknet.state_dict().items():
+        old, rest = key.split(".", 2)[1:]
+        if int(old) in index:
+            state[f"layers.{index[int(old)]}.{rest}"] = value
+    missing, _ = model.stem.net.load_state_dict(state, strict=False)
+    new = {int(k.split(".")[1]) for k in missing}
+    if new - {len(index)}:  # only the fine branch's 2 x 2 conv starts untrained
+        raise ValueError(f"backbone layers {sorted(new)} found no pretrained weights")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -166,6 +239,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "YOLOv1 head (input normalisation: none, as Darknet)",
     )  # fmt: skip
     p.add_argument("--backbone-layer", type=int, help="last backbone layer (Darknet's index)")
+    p.add_argument(
+        "--backbone-fine-layer", type=int,
+        help="also route this later stride-16 layer of the cfg (with the layers it needs) into "
+        "the head, downsampled by a 2x2 stride-2 conv and concatenated to --backbone-layer's map",
+    )  # fmt: skip
     p.add_argument(
         "--head-dropout", type=float, default=STUDENT_HEAD_DROPOUT,
         help="dropout of the head put on a --backbone",
@@ -356,13 +434,13 @@ class Trainer:
         if a.backbone:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
+            cfg, weights, layer, fine = *a.backbone, a.backbone_layer, a.backbone_fine_layer
             arch = backbone_arch(
-                a.backbone[0], a.backbone_layer, a.head_dropout, a.valid_head_conv, a.head_kernel
-            )
+                cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine
+            )  # fmt: skip
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-            darknet = load_darknet(a.backbone[0], a.backbone[1], upto=a.backbone_layer)
-            model.stem.net.load_state_dict(darknet.state_dict())
-            logger.info("backbone: %s layers 0..%d", a.backbone[0], a.backbone_layer)
+            load_backbone(model, cfg, weights, layer, fine)
+            logger.info("backbone: %s layers 0..%d (fine: %s)", cfg, layer, fine)
             return model
         if a.arch:
             return build_model(a.arch, *S_args)
