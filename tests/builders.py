@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 # ../shared beside the repository: present in CI and on the developers' machines, absent in a
@@ -85,3 +86,30 @@ def quadrant(width: int, height: int) -> Image.Image:
     image = Image.new("RGB", (width, height))
     image.paste((255, 255, 255), (0, 0, width // 2, height // 2))
     return image
+
+
+def write_darknet_weights(
+    path: Path, convs: list[tuple[int, int, int, bool]], seed: int = 0
+) -> Path:
+    """Random weights in Darknet's layout (header 0.2.0, 64-bit seen) for convs given in file
+    order as (inputs, filters, kernel, batch norm)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for c_in, n, k, bn in convs:
+        values.append(rng.normal(0, 0.1, n))  # biases
+        if bn:
+            values += [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)]
+        values.append(rng.normal(0, np.sqrt(2 / (c_in * k * k)), n * c_in * k * k))
+    header = np.array([0, 2, 0], "<i4").tobytes() + np.array([0], "<i8").tobytes()
+    path.write_bytes(header + np.concatenate(values).astype("<f4").tobytes())
+    return path
+
+
+def make_dog_voc(root: Path, images: int = 4) -> Path:
+    """A VOC tree of ``images`` 64 x 64 pictures, one dog each; the first is also the val split."""
+    items = {f"img{k}": (64, 64, [("dog", 5 + k, 5, 40, 50, 0)]) for k in range(images)}
+    voc = make_voc(root, items)
+    for image_id in items:
+        write_image(voc / "JPEGImages" / f"{image_id}.png", 64, 64, [(4, 4, 40, 50)])
+    (voc / "ImageSets" / "Main" / "val.txt").write_text("img0\n")
+    return voc

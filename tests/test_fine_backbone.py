@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from builders import make_voc, write_image
+from builders import make_dog_voc, write_darknet_weights
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import VOC_CLASSES
@@ -42,25 +41,15 @@ TWO_SCALE = (
     + YOLO
 )
 # (inputs, filters, kernel, batch norm) of each conv in file order: Darknet's weights layout.
-CONVS = [(3, 8, 3, 1), (8, 8, 3, 1), (8, 16, 3, 1), (16, 16, 1, 1), (16, 75, 1, 0),
-         (24, 16, 3, 1), (16, 75, 1, 0)]  # fmt: skip
+CONVS = [(3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 16, 1, True),
+         (16, 75, 1, False), (24, 16, 3, True), (16, 75, 1, False)]  # fmt: skip
 
 
 def write_two_scale(folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = folder / "two.cfg"
     cfg.write_text(TWO_SCALE)
-    rng = np.random.default_rng(0)
-    values = []
-    for c_in, n, k, bn in CONVS:
-        values.append(rng.normal(0, 0.1, n))
-        if bn:
-            values += [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)]
-        values.append(rng.normal(0, np.sqrt(2 / (c_in * k * k)), n * c_in * k * k))
-    weights = folder / "two.weights"
-    header = np.array([0, 2, 0], "<i4").tobytes() + np.array([0], "<i8").tobytes()
-    weights.write_bytes(header + np.concatenate(values).astype("<f4").tobytes())
-    return cfg, weights
+    return cfg, write_darknet_weights(folder / "two.weights", CONVS)
 
 
 def student(cfg: Path, fine: int | None = 11) -> YOLOv1:
@@ -137,11 +126,7 @@ def test_a_checkpoint_grows_into_the_fine_student_unchanged(tmp_path):
 
 def test_train_the_fine_student_on_cached_features_and_reload_it(tmp_path):
     cfg, weights = write_two_scale(tmp_path / "teacher")
-    items = {f"img{k}": (64, 64, [("dog", 5 + k, 5, 40, 50, 0)]) for k in range(4)}
-    voc = make_voc(tmp_path / "voc", items)
-    for image_id in items:
-        write_image(voc / "JPEGImages" / f"{image_id}.png", 64, 64, [(4, 4, 40, 50)])
-    (voc / "ImageSets" / "Main" / "val.txt").write_text("img0\n")
+    voc = make_dog_voc(tmp_path / "voc")
     args = get_args_parser().parse_args(
         ["--data", str(voc), "--img-size", "64", "--epochs", "1", "--batch-size", "4",
          "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0", "--no-progress",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from builders import SHARED, make_voc, write_image
+from builders import SHARED, make_dog_voc, make_voc, write_darknet_weights, write_image
 
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
@@ -76,21 +75,12 @@ scale_x_y=1.05
 
 
 def write_tiny_yolo(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """The cfg and random weights in Darknet's layout (header 0.2.0, 64-bit seen)."""
+    """The cfg and random weights in Darknet's layout."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = folder / "tiny.cfg"
     cfg.write_text(TINY_YOLO)
-    rng = np.random.default_rng(seed)
-    values = []
-    for c_in, n, k, bn in ((3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 75, 1, False)):
-        values.append(rng.normal(0, 0.1, n))  # biases
-        if bn:
-            values += [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 1.5, n)]
-        values.append(rng.normal(0, np.sqrt(2 / (c_in * k * k)), n * c_in * k * k))
-    weights = folder / "tiny.weights"
-    header = np.array([0, 2, 0], "<i4").tobytes() + np.array([0], "<i8").tobytes()
-    weights.write_bytes(header + np.concatenate(values).astype("<f4").tobytes())
-    return cfg, weights
+    convs = [(3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 75, 1, False)]
+    return cfg, write_darknet_weights(folder / "tiny.weights", convs, seed)
 
 
 class CountingTeacher:
@@ -321,11 +311,7 @@ def test_cached_features_match_the_live_stem_and_views_mirror_boxes(tmp_path):
 @pytest.mark.slow
 def test_train_with_teacher_backbone_and_cached_features(tmp_path):
     cfg, weights = write_tiny_yolo(tmp_path / "teacher")
-    items = {f"img{k}": (64, 64, [("dog", 5 + k, 5, 40, 50, 0)]) for k in range(4)}
-    voc = make_voc(tmp_path / "voc", items)
-    for image_id in items:
-        write_image(voc / "JPEGImages" / f"{image_id}.png", 64, 64, [(4, 4, 40, 50)])
-    (voc / "ImageSets" / "Main" / "val.txt").write_text("img0\n")
+    voc = make_dog_voc(tmp_path / "voc")
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     for k in range(3):
