@@ -179,8 +179,7 @@ def backbone_arch(
     if fine_layer is not None:
         if not layer < fine_layer <= last:
             raise ValueError(f"--backbone-fine-layer {fine_layer}: must be in {layer + 1}..{last}")
-        keep = set(range(layer + 1)) | ancestors(sections, fine_layer)
-        backbone, index = prune_layers(sections, keep)
+        backbone, index = prune_layers(sections, student_layers(sections, layer, fine_layer))
         backbone += [
             Section.of(
                 "convolutional",
@@ -190,7 +189,7 @@ def backbone_arch(
                 stride=2,
                 pad=0,
                 activation="leaky",
-            ),  # fmt: skip
+            ),
             Section.of("route", layers=f"{index[layer]},-1"),
         ]
     pad = 0 if valid_head else kernel // 2
@@ -204,12 +203,16 @@ def backbone_arch(
     )
 
 
+def student_layers(sections: list[Section], layer: int, fine: int | None) -> set[int]:
+    """The cfg layers a ``backbone_arch`` stem keeps: ``0..layer`` and what ``fine`` reads."""
+    return set(range(layer + 1)) | (ancestors(sections, fine) if fine is not None else set())
+
+
 def load_backbone(model: YOLOv1, cfg: Path, weights: Path, layer: int, fine: int | None) -> None:
     """Fill ``model``'s stem (``backbone_arch``) with the pretrained layers of a Darknet file."""
-    sections = read_cfg(cfg)
     darknet = load_darknet(cfg, weights, upto=fine if fine is not None else layer)
-    keep = set(range(layer + 1)) | (ancestors(sections, fine) if fine is not None else set())
-    _, index = prune_layers(sections, keep)
+    keep = sorted(student_layers(darknet.sections, layer, fine))
+    index = {old: new for new, old in enumerate(keep)}  # as prune_layers renumbers
     state = {}
     for key, value in darknet.state_dict().items():
         old, rest = key.split(".", 2)[1:]
@@ -435,9 +438,7 @@ class Trainer:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
             cfg, weights, layer, fine = *a.backbone, a.backbone_layer, a.backbone_fine_layer
-            arch = backbone_arch(
-                cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine
-            )  # fmt: skip
+            arch = backbone_arch(cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine)
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             load_backbone(model, cfg, weights, layer, fine)
             logger.info("backbone: %s layers 0..%d (fine: %s)", cfg, layer, fine)
