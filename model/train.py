@@ -114,9 +114,12 @@ def output_paths(out: Path) -> dict[str, Path]:
 def init_from(model: YOLOv1, path: Path) -> None:
     """Copy every tensor of a checkpoint whose name and shape match (e.g. all but a new head).
 
-    A weight that only gained inputs (dimension 1: a conv after a route that now concatenates
-    more channels after the old ones) keeps the old weights for the old inputs and zeros for
-    the new: the network starts as the checkpoint's and learns to use what was added.
+    A tensor that grew keeps the checkpoint's values in its leading block. What it gained in
+    dimension 1 (inputs: a conv after a route that now concatenates more channels after the old
+    ones, a connected layer after a wider hidden layer) starts at zero; what it gained in
+    dimension 0 (outputs: the new units of a wider hidden layer) keeps its fresh initialisation.
+    A layer's new outputs then reach only weights that start at zero, so the network starts
+    as the checkpoint's and learns to use what was added.
     """
     source, _ = load_checkpoint(path)
     own = model.state_dict()
@@ -126,21 +129,25 @@ def init_from(model: YOLOv1, path: Path) -> None:
             continue
         if own[k].shape == v.shape:
             copied[k] = v
-        elif _gained_inputs(own[k].shape, v.shape):
-            copied[k] = torch.zeros_like(own[k])
-            copied[k][:, : v.shape[1]] = v
+        elif _grew(own[k].shape, v.shape):
+            copied[k] = own[k].clone()
+            if own[k].ndim >= 2:
+                copied[k][:, v.shape[1] :] = 0
+            copied[k][tuple(slice(0, n) for n in v.shape)] = v
             grown.append(k)
     skipped = sorted(set(own) - set(copied))
     model.load_state_dict(copied, strict=False)
     logger.info(
-        "initialised %d tensors from %s (%d with new inputs at zero: %s); kept %d new",
+        "initialised %d tensors from %s (%d grown, new inputs at zero: %s); kept %d new",
         len(copied), path, len(grown), ", ".join(grown) or "-", len(skipped),
     )  # fmt: skip
 
 
-def _gained_inputs(own: torch.Size, old: torch.Size) -> bool:
-    same_rest = own[:1] == old[:1] and own[2:] == old[2:]
-    return len(own) == len(old) >= 2 and same_rest and own[1] > old[1]
+def _grew(own: torch.Size, old: torch.Size) -> bool:
+    """Whether ``old`` fits in ``own``'s leading block, larger only in dimensions 0 and 1."""
+    if len(own) != len(old) or own[2:] != old[2:]:
+        return False
+    return all(a >= b for a, b in zip(own, old)) and own[:2] != old[:2]
 
 
 # The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,
@@ -157,6 +164,7 @@ def backbone_arch(
     valid_head: bool = False,
     kernel: int = 3,
     fine_layer: int | None = None,
+    hidden: int = 496,
 ) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
 
@@ -196,7 +204,7 @@ def backbone_arch(
     return ArchConfig(
         name=f"yolov1-{cfg.stem}" + ("-fine" if fine_layer is not None else ""),
         layers=((kernel, STUDENT_HEAD_FILTERS, 1, pad),),
-        head_hidden=496,
+        head_hidden=hidden,
         head_dropout=dropout,
         downsample=32,
         darknet_cfg=sections_to_text(backbone),
@@ -257,6 +265,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--head-kernel - 1 (--img-size 288 and kernel 3: the 7x7 grid)",
     )  # fmt: skip
     p.add_argument("--head-kernel", type=int, default=3, help="the --backbone head conv's size")
+    p.add_argument(
+        "--head-hidden", type=int, default=496,
+        help="width of the --backbone head's hidden connected layer (the seed's 496; the paper's 4096)",
+    )  # fmt: skip
     p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
         help="train only the head for this many epochs first",
@@ -438,7 +450,9 @@ class Trainer:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
             cfg, weights, layer, fine = *a.backbone, a.backbone_layer, a.backbone_fine_layer
-            arch = backbone_arch(cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine)
+            arch = backbone_arch(
+                cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine, a.head_hidden
+            )
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             load_backbone(model, cfg, weights, layer, fine)
             logger.info("backbone: %s layers 0..%d (fine: %s)", cfg, layer, fine)

@@ -124,6 +124,32 @@ def test_a_checkpoint_grows_into_the_fine_student_unchanged(tmp_path):
         backbone_arch(cfg, 5, fine_layer=5)
 
 
+def test_a_checkpoint_grows_into_a_wider_hidden_layer_unchanged(tmp_path):
+    """--init into --head-hidden wider than the checkpoint's: the new hidden units keep their
+    fresh weights, the output layer's new inputs start at zero, so the output is unchanged and
+    the new units are live (a change of their output weights changes the output)."""
+    cfg, weights = write_two_scale(tmp_path)
+    old = YOLOv1(backbone_arch(cfg, 5, hidden=12), 20, 2, 64, mean=(0, 0, 0), std=(1, 1, 1))
+    load_backbone(old, cfg, weights, 5, None)
+    old.eval()
+    path = save_checkpoint(tmp_path / "old.safetensors", old, {"class_names": list(VOC_CLASSES)})
+    grown = YOLOv1(backbone_arch(cfg, 5, hidden=40), 20, 2, 64, mean=(0, 0, 0), std=(1, 1, 1))
+    fresh = grown.fcs[1].weight[12:].clone()
+    init_from(grown, path)
+    grown.eval()
+    hidden, out = grown.fcs[1], grown.fcs[4]
+    assert torch.equal(hidden.weight[:12], old.fcs[1].weight)
+    assert torch.equal(hidden.weight[12:], fresh) and fresh.abs().sum() > 0
+    assert torch.equal(hidden.bias[:12], old.fcs[1].bias)
+    assert out.weight.shape[1] == 40
+    assert out.weight[:, 12:].abs().sum() == 0 and torch.equal(out.weight[:, :12], old.fcs[4].weight)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x), old(x))
+        out.weight[:, 12:] = 0.1
+        assert (grown(x) - old(x)).abs().max() > 1e-3
+
+
 def test_train_the_fine_student_on_cached_features_and_reload_it(tmp_path):
     cfg, weights = write_two_scale(tmp_path / "teacher")
     voc = make_dog_voc(tmp_path / "voc")
