@@ -165,6 +165,7 @@ def backbone_arch(
     kernel: int = 3,
     fine_layer: int | None = None,
     hidden: int = 496,
+    filters: int = STUDENT_HEAD_FILTERS,
 ) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
 
@@ -179,6 +180,8 @@ def backbone_arch(
     """
     if kernel < 1 or (not valid_head and kernel % 2 == 0):
         raise ValueError(f"head kernel {kernel}: must be >= 1, and odd unless the conv is valid")
+    if filters < 1 or hidden < 0:
+        raise ValueError(f"head: {filters} conv filters (must be >= 1), hidden {hidden} (>= 0)")
     sections = read_cfg(cfg)
     last = len(sections) - 2
     if not 0 <= layer < last + 1:
@@ -203,7 +206,7 @@ def backbone_arch(
     pad = 0 if valid_head else kernel // 2
     return ArchConfig(
         name=f"yolov1-{cfg.stem}" + ("-fine" if fine_layer is not None else ""),
-        layers=((kernel, STUDENT_HEAD_FILTERS, 1, pad),),
+        layers=((kernel, filters, 1, pad),),
         head_hidden=hidden,
         head_dropout=dropout,
         downsample=32,
@@ -267,7 +270,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-kernel", type=int, default=3, help="the --backbone head conv's size")
     p.add_argument(
         "--head-hidden", type=int, default=496,
-        help="width of the --backbone head's hidden connected layer (the seed's 496; the paper's 4096)",
+        help="width of the --backbone head's hidden connected layer (the seed's 496, the paper's "
+        "4096; 0: none, the conv straight into the output layer, as Darknet's yolov1.cfg)",
+    )  # fmt: skip
+    p.add_argument(
+        "--head-filters", type=int, default=STUDENT_HEAD_FILTERS,
+        help="filters of the --backbone head's conv",
     )  # fmt: skip
     p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
@@ -451,8 +459,9 @@ class Trainer:
                 raise ValueError("--backbone needs --backbone-layer")
             cfg, weights, layer, fine = *a.backbone, a.backbone_layer, a.backbone_fine_layer
             arch = backbone_arch(
-                cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine, a.head_hidden
-            )
+                cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine, a.head_hidden,
+                a.head_filters,
+            )  # fmt: skip
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             load_backbone(model, cfg, weights, layer, fine)
             logger.info("backbone: %s layers 0..%d (fine: %s)", cfg, layer, fine)

@@ -392,6 +392,34 @@ def test_a_valid_head_conv_keeps_the_grid_on_a_larger_input(tmp_path):
         torch.testing.assert_close(model(x), valid(x))
 
 
+def test_a_head_without_a_hidden_layer_is_darknets_yolov1_head(tmp_path):
+    """--head-hidden 0 --head-filters F: the head conv's F x S x S map straight into the
+    output layer (Darknet's yolov1.cfg has no hidden connected layer), checked against the
+    layers applied by hand; it round-trips through a checkpoint; bad sizes are refused."""
+    from model.checkpoint import save_checkpoint
+    from model.network import YOLOv1
+    from model.train import backbone_arch
+
+    cfg, _ = write_tiny_yolo(tmp_path)
+    arch = backbone_arch(cfg, 4, dropout=0.5, valid_head=True, hidden=0, filters=8)
+    model = YOLOv1(arch, 20, 2, 128, mean=(0, 0, 0), std=(1, 1, 1)).eval()
+    (linear,) = [m for m in model.fcs if isinstance(m, torch.nn.Linear)]
+    assert (linear.in_features, linear.out_features) == (8 * 2 * 2, 2 * 2 * 30)
+    x = torch.rand(3, 3, 128, 128)
+    with torch.no_grad():
+        conv = model.darknet(model.stem(x))
+        assert conv.shape == (3, 8, 2, 2)
+        by_hand = (conv.reshape(3, -1) @ linear.weight.T + linear.bias).reshape(3, 2, 2, 30)
+        torch.testing.assert_close(model(x), by_hand)
+    path = save_checkpoint(tmp_path / "h.safetensors", model, {"class_names": list(VOC_CLASSES)})
+    loaded, _ = load_checkpoint(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    for bad in ({"hidden": -1}, {"filters": 0}):
+        with pytest.raises(ValueError, match="head: "):
+            backbone_arch(cfg, 4, **bad)
+
+
 def test_soft_targets_need_a_darknet_teacher(tmp_path, weights, capsys):
     from model.train import cli
 
