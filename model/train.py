@@ -268,14 +268,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--head-kernel - 1 (--img-size 288 and kernel 3: the 7x7 grid)",
     )  # fmt: skip
     p.add_argument("--head-kernel", type=int, default=3, help="the --backbone head conv's size")
+    p.add_argument("--head-filters", type=int, default=STUDENT_HEAD_FILTERS, help="its filters")
     p.add_argument(
         "--head-hidden", type=int, default=496,
         help="width of the --backbone head's hidden connected layer (the seed's 496, the paper's "
         "4096; 0: none, the conv straight into the output layer, as Darknet's yolov1.cfg)",
-    )  # fmt: skip
-    p.add_argument(
-        "--head-filters", type=int, default=STUDENT_HEAD_FILTERS,
-        help="filters of the --backbone head's conv",
     )  # fmt: skip
     p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
