@@ -147,7 +147,7 @@ def _grew(own: torch.Size, old: torch.Size) -> bool:
     """Whether ``old`` fits in ``own``'s leading block, larger only in dimensions 0 and 1."""
     if len(own) != len(old) or own[2:] != old[2:]:
         return False
-    return all(a >= b for a, b in zip(own, old)) and own[:2] != old[:2]
+    return all(a >= b for a, b in zip(own, old, strict=True)) and own[:2] != old[:2]
 
 
 # The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,

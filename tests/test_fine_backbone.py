@@ -142,7 +142,8 @@ def test_a_checkpoint_grows_into_a_wider_hidden_layer_unchanged(tmp_path):
     assert torch.equal(hidden.weight[12:], fresh) and fresh.abs().sum() > 0
     assert torch.equal(hidden.bias[:12], old.fcs[1].bias)
     assert out.weight.shape[1] == 40
-    assert out.weight[:, 12:].abs().sum() == 0 and torch.equal(out.weight[:, :12], old.fcs[4].weight)
+    assert out.weight[:, 12:].abs().sum() == 0
+    assert torch.equal(out.weight[:, :12], old.fcs[4].weight)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(grown(x), old(x))
