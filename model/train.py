@@ -153,6 +153,7 @@ def _grew(own: torch.Size, old: torch.Size) -> bool:
 # The head put on a pretrained Darknet backbone (--backbone): one 3x3 conv to adapt the features,
 # then the YOLOv1 connected layers. Dropout 0.3: the labelled set is small.
 STUDENT_HEAD_FILTERS = 256
+STUDENT_HEAD_HIDDEN = 496  # the seed's hidden connected layer; 0: none (Darknet's yolov1.cfg)
 STUDENT_HEAD_DROPOUT = 0.3
 STUDENT_FINE_FILTERS = 128  # the --backbone-fine-layer branch's 2 x 2 stride-2 conv
 
@@ -164,7 +165,7 @@ def backbone_arch(
     valid_head: bool = False,
     kernel: int = 3,
     fine_layer: int | None = None,
-    hidden: int = 496,
+    hidden: int = STUDENT_HEAD_HIDDEN,
     filters: int = STUDENT_HEAD_FILTERS,
 ) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
@@ -270,7 +271,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-kernel", type=int, default=3, help="the --backbone head conv's size")
     p.add_argument("--head-filters", type=int, default=STUDENT_HEAD_FILTERS, help="its filters")
     p.add_argument(
-        "--head-hidden", type=int, default=496,
+        "--head-hidden", type=int, default=STUDENT_HEAD_HIDDEN,
         help="width of the --backbone head's hidden connected layer (the seed's 496, the paper's "
         "4096; 0: none, the conv straight into the output layer, as Darknet's yolov1.cfg)",
     )  # fmt: skip
@@ -456,8 +457,8 @@ class Trainer:
                 raise ValueError("--backbone needs --backbone-layer")
             cfg, weights, layer, fine = *a.backbone, a.backbone_layer, a.backbone_fine_layer
             arch = backbone_arch(
-                cfg, layer, a.head_dropout, a.valid_head_conv, a.head_kernel, fine, a.head_hidden,
-                a.head_filters,
+                cfg, layer, dropout=a.head_dropout, valid_head=a.valid_head_conv,
+                kernel=a.head_kernel, fine_layer=fine, hidden=a.head_hidden, filters=a.head_filters,
             )  # fmt: skip
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
             load_backbone(model, cfg, weights, layer, fine)
