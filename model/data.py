@@ -94,6 +94,16 @@ class Annotation:
     def soft(self) -> bool:
         return self.class_probs is not None
 
+    def select(self, keep: torch.Tensor) -> Annotation:
+        """This annotation with only the boxes ``keep`` (a (K,) bool mask or indices) selects."""
+        soft = {}
+        if self.soft:
+            soft = {"class_probs": self.class_probs[keep], "objectness": self.objectness[keep]}
+        return replace(
+            self, boxes=self.boxes[keep], labels=self.labels[keep],
+            difficult=self.difficult[keep], **soft,
+        )  # fmt: skip
+
     def with_soft_targets(self, num_classes: int) -> Annotation:
         """This annotation with explicit soft targets (hard ones: one-hot classes, certain)."""
         if self.soft:
@@ -277,6 +287,26 @@ def _read_voc_item(root: Path, image_id: str, class_index: dict[str, int]) -> An
     if not boxes:
         raise _DropItem("no valid object left")
     return _make_annotation(image_path, width, height, boxes, labels, difficult)
+
+
+def voc_class_names(root: str | Path, split: str) -> list[str]:
+    """Every class name the annotation files of ``root``'s ``split`` use, sorted.
+
+    Files that are missing or do not parse are left out here; ``read_voc`` warns about them."""
+    root = Path(root)
+    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not split_file.is_file():
+        raise ValueError(f"split file {split_file} not found (root={root}, split={split!r})")
+    names = set()
+    for line in split_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            xml_root = ET.parse(root / "Annotations" / f"{line.split()[0]}.xml").getroot()
+        except (ET.ParseError, OSError):
+            continue
+        names.update(n for obj in xml_root.findall("object") if (n := _xml_text(obj, "name")))
+    return sorted(names)
 
 
 def read_voc(

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from model.config import VOC_CLASSES
-from model.data import Annotation, load_image_rgb, read_image_size
+from model.data import Annotation, load_image_rgb, read_image_size, read_voc, voc_class_names
 from model.files import image_files
 from model.metadata import file_sha256
 
@@ -465,6 +465,41 @@ def fill_unlabelled_objects(
         difficult=torch.cat([annotation.difficult, teacher_ann.difficult[new]]),
         **soft,
     )
+
+
+def foreign_objects(
+    folders: Sequence[str | Path], split: str, student_names: Sequence[str]
+) -> dict[Path, torch.Tensor]:
+    """Per image, the boxes that VOC roots among ``folders`` annotate with a non-student class.
+
+    Such an object is known to be none of the student's classes, whatever a teacher calls it
+    (the teachers call most of ``raccoon``'s raccoons dogs or cats). Plain folders give none.
+    """
+    found: dict[Path, torch.Tensor] = {}
+    for folder in map(Path, folders):
+        if not (folder / "ImageSets" / "Main" / f"{split}.txt").is_file():
+            continue
+        names = voc_class_names(folder, split)
+        foreign = torch.tensor([i for i, n in enumerate(names) if n not in student_names])
+        if len(foreign) == 0:
+            continue
+        for ann in read_voc(folder, split, names):
+            mask = torch.isin(ann.labels, foreign)
+            if mask.any():
+                found[ann.image_path] = ann.boxes[mask]
+    return found
+
+
+def drop_foreign_boxes(
+    teacher_ann: Annotation, foreign: torch.Tensor | None, iou_threshold: float = 0.5
+) -> Annotation:
+    """The teacher's boxes less those on a known foreign object (IoU >= ``iou_threshold``),
+    so that the object trains as background instead of as the class the teacher guessed."""
+    from torchvision.ops import box_iou
+
+    if foreign is None or len(foreign) == 0 or len(teacher_ann.boxes) == 0:
+        return teacher_ann
+    return teacher_ann.select(box_iou(teacher_ann.boxes, foreign).max(dim=1).values < iou_threshold)
 
 
 def predict_teacher(

@@ -57,7 +57,9 @@ from model.metadata import read_metadata
 from model.network import YOLOv1, build_model
 from model.teacher import (
     class_mapping,
+    drop_foreign_boxes,
     fill_unlabelled_objects,
+    foreign_objects,
     label_images,
     list_unlabeled,
     load_teachers,
@@ -296,6 +298,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="also add teacher boxes for objects the annotations miss on labelled images",
     )
     p.add_argument(
+        "--keep-foreign-boxes",
+        action="store_true",
+        help="keep teacher boxes on objects that an --unlabeled VOC root annotates with a class "
+        "the student lacks (default: drop them, so those objects train as background)",
+    )
+    p.add_argument(
         "--soft-targets", action="store_true",
         help="the teacher's class distribution and objectness as the targets of its boxes",
     )  # fmt: skip
@@ -491,6 +499,12 @@ class Trainer:
         extra = [
             teacher_annotation(p, labels[p], mapping, a.teacher_threshold, soft) for p in images
         ]
+        foreign = {}
+        if images and not a.keep_foreign_boxes:
+            foreign = foreign_objects(a.unlabeled, a.train_split, self.class_names)
+        before = sum(len(e.boxes) for e in extra)
+        extra = [drop_foreign_boxes(e, foreign.get(e.image_path)) for e in extra]
+        dropped = before - sum(len(e.boxes) for e in extra)
         if a.teacher_fill:
             train_ann = [
                 fill_unlabelled_objects(
@@ -505,13 +519,16 @@ class Trainer:
             train_ann = [ann.with_soft_targets(len(self.class_names)) for ann in train_ann]
         negatives = sum(len(e.boxes) == 0 for e in extra)
         logger.info(
-            "teacher: %d unlabelled images (%d negatives, %d boxes) in %.1f s",
-            len(extra), negatives, sum(len(e.boxes) for e in extra), seconds,
+            "teacher: %d unlabelled images (%d negatives, %d boxes; %d dropped on %d objects "
+            "annotated as no student class) in %.1f s",
+            len(extra), negatives, sum(len(e.boxes) for e in extra), dropped,
+            sum(len(b) for b in foreign.values()), seconds,
         )  # fmt: skip
         self.teacher_info = {
             **teacher.describe(),
             "threshold": a.teacher_threshold,
             "fill": a.teacher_fill,
+            "foreign_boxes_dropped": dropped,
             "soft_targets": soft,
             "unlabeled": [str(d) for d in a.unlabeled],
             "unlabeled_images": len(extra),

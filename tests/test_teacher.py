@@ -12,13 +12,15 @@ from builders import SHARED, make_dog_voc, make_voc, write_darknet_weights, writ
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
 from model.darknet import load_darknet
-from model.data import DetectionDataset
+from model.data import Annotation, DetectionDataset, voc_class_names
 from model.feature_cache import compute_features
 from model.teacher import (
     EnsembleTeacher,
     Teacher,
     class_mapping,
+    drop_foreign_boxes,
     fill_unlabelled_objects,
+    foreign_objects,
     fuse_detections,
     label_images,
     list_unlabeled,
@@ -265,6 +267,59 @@ def test_fill_adds_only_teacher_boxes_that_overlap_no_annotation():
     truth = teacher_annotation(Path("x"), annotated, list(range(20)), 0.3)
     filled = fill_unlabelled_objects(truth, teacher_ann)
     assert filled.labels.tolist() == [7, 14]  # the overlapping dog is the annotated cat
+
+
+def test_teacher_boxes_on_objects_annotated_as_no_student_class_are_dropped(tmp_path):
+    """A raccoon that a teacher calls a dog is known not to be a dog: that box goes, the
+    teacher's boxes elsewhere stay (with their soft targets), and plain folders give nothing."""
+    zoo = make_voc(tmp_path / "zoo", {
+        "z0": (100, 80, [("raccoon", 11, 11, 50, 50, 0), ("dog", 61, 11, 90, 40, 0)]),
+        "z1": (100, 80, [("dog", 11, 11, 50, 50, 0)]),
+        "z2": (100, 80, [("kangaroo", 1, 1, 100, 80, 0), ("raccoon", 5, 5, 20, 20, 0)]),
+    })  # fmt: skip
+    plain = tmp_path / "plain"
+    write_image(plain / "p.png", 40, 30, [])
+    assert voc_class_names(zoo, "train") == ["dog", "kangaroo", "raccoon"]
+    foreign = foreign_objects([plain, zoo], "train", VOC_CLASSES)
+    assert sorted(p.name for p in foreign) == ["z0.png", "z2.png"]
+    # VOC's 1-based xmin 11 is the pixel edge 10.
+    torch.testing.assert_close(
+        foreign[zoo / "JPEGImages" / "z0.png"], torch.tensor([[10.0, 10, 50, 50]])
+    )
+    assert len(foreign[zoo / "JPEGImages" / "z2.png"]) == 2
+
+    # Teacher boxes on z0, against the raccoon (10,10)-(50,50), area 1,600: one on it (IoU
+    # 1,520 / 1,600 = 0.95), one on the dog (0), its top half (800 / 1,600 = 0.5, dropped: the
+    # threshold is inclusive) and a box half over it (800 / 2,400 = 0.33, kept).
+    boxes = torch.tensor([[10.0, 12, 50, 50], [60, 10, 90, 40], [10, 10, 50, 30], [30, 10, 70, 50]])
+    probs = torch.eye(20)[[11, 11, 7, 11]]
+    teacher_ann = Annotation(
+        image_path=zoo / "JPEGImages" / "z0.png", width=100, height=80, boxes=boxes,
+        labels=torch.tensor([11, 11, 7, 11]), difficult=torch.zeros(4, dtype=torch.bool),
+        class_probs=probs, objectness=torch.tensor([0.9, 0.8, 0.7, 0.6]),
+    )  # fmt: skip
+    kept = drop_foreign_boxes(teacher_ann, foreign[teacher_ann.image_path])
+    torch.testing.assert_close(kept.boxes, boxes[[1, 3]])
+    assert kept.labels.tolist() == [11, 11]
+    torch.testing.assert_close(kept.class_probs, probs[[1, 3]])
+    torch.testing.assert_close(kept.objectness, torch.tensor([0.8, 0.6]))
+    assert drop_foreign_boxes(teacher_ann, None) is teacher_ann
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(
+    not (SHARED / "datasets" / "raccoon").is_dir(), reason="needs ../shared/datasets/raccoon"
+)
+def test_every_annotated_raccoon_is_a_foreign_object():
+    import xml.etree.ElementTree as ET
+
+    root = SHARED / "datasets" / "raccoon"
+    foreign = foreign_objects([root], "train", VOC_CLASSES)
+    ids = (root / "ImageSets" / "Main" / "train.txt").read_text().split()
+    objects = sum(
+        len(ET.parse(root / "Annotations" / f"{i}.xml").getroot().findall("object")) for i in ids
+    )
+    assert len(foreign) == len(ids) and sum(len(b) for b in foreign.values()) == objects
 
 
 def test_negative_images_give_an_empty_target(tmp_path):
