@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from tqdm import tqdm
 
@@ -101,6 +102,25 @@ def lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float
         rest = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(rest, 1.0)))
     return 1.0 if progress < 75 / 135 else 0.1 if progress < 105 / 135 else 0.01
+
+
+def ema_average(decay: float):
+    """``AveragedModel``'s ``multi_avg_fn`` for an exponential moving average of the weights.
+
+    Its decay warms up as min(``decay``, (1 + n) / (10 + n)) after n updates (TensorFlow's
+    ``num_updates`` rule), so the first weights, a fresh head's random ones, fade fast.
+    Integer buffers (BatchNorm's batch counter) take the model's value.
+    """
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor):
+        weight = 1.0 - min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        for avg, cur in zip(averaged, current, strict=True):
+            if avg.is_floating_point():
+                avg.lerp_(cur, weight)
+            else:
+                avg.copy_(cur)
+
+    return update
 
 
 def output_paths(out: Path) -> dict[str, Path]:
@@ -337,6 +357,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("step", "cosine"), default="step")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--clip-grad", type=float, default=10.0, help="max gradient norm")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="evaluate and save an exponential moving average of the weights with this decay "
+        "per step (e.g. 0.999; 0: the weights themselves)",
+    )
     p.add_argument("--mosaic", type=float, default=0.0, help="probability of a 4-image mosaic")
     p.add_argument("--no-augment", action="store_true", help="train on plainly resized images")
     p.add_argument("--workers", type=int, default=2)
@@ -396,6 +424,13 @@ class Trainer:
         if args.init:
             init_from(self.model, args.init)
         self.model.to(self.device)
+        if not 0.0 <= args.ema < 1.0:
+            raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
+        self.ema = None
+        if args.ema:  # BatchNorm's running statistics are averaged too
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=ema_average(args.ema), use_buffers=True
+            )
         S, B = self.model.grid_size, self.model.boxes_per_cell
         self.criterion = YOLOv1Loss(S, B, C)
         generator = torch.Generator().manual_seed(args.seed)
@@ -455,6 +490,11 @@ class Trainer:
         self.images_seen, self.train_seconds = 0, 0.0
         if args.resume:
             self.load_state()
+
+    @property
+    def served(self) -> YOLOv1:
+        """The weights that are evaluated and saved: their moving average with --ema."""
+        return self.model if self.ema is None else self.ema.module
 
     def build(self, C: int) -> YOLOv1:
         """The student: --backbone, --arch, the architecture of --init or of a run to resume."""
@@ -586,6 +626,7 @@ class Trainer:
                 "lr": a.lr,
                 "batch_size": a.batch_size * self.world,
                 "seed": a.seed,
+                "ema": a.ema,
                 "teacher": self.teacher_info,
                 "cache_views": a.cache_views,
                 "train_from_layer": a.train_from_layer,
@@ -599,9 +640,9 @@ class Trainer:
     def save(self, epoch: int, val: dict[str, Any] | None, best: bool) -> None:
         dtype = torch.float16 if self.args.save_dtype == "float16" else torch.float32
         meta = self.metadata(epoch, val)
-        save_checkpoint(self.paths["last"], self.model, meta, dtype)
+        save_checkpoint(self.paths["last"], self.served, meta, dtype)
         if best:
-            save_checkpoint(self.paths["best"], self.model, meta, dtype)
+            save_checkpoint(self.paths["best"], self.served, meta, dtype)
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -612,6 +653,8 @@ class Trainer:
             "best_map": torch.tensor(self.best_map),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         tmp = self.paths["state"].with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self.paths["state"])
@@ -630,6 +673,8 @@ class Trainer:
         self.step = int(state["step"])
         self.best_map = float(state["best_map"])
         torch.set_rng_state(state["torch_rng"])
+        if self.ema is not None and "ema" in state:  # else the average starts here
+            self.ema.load_state_dict(state["ema"])
         logger.info("resumed from %s at epoch %d", path, self.start_epoch)
 
     # -- loop ----------------------------------------------------------------------------------
@@ -672,6 +717,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             self.step += 1
             batches += 1
             self.images_seen += images.shape[0] * self.world
@@ -710,7 +757,7 @@ class Trainer:
                     and self.val_ann
                     and ((epoch + 1) % args.eval_every == 0 or last_epoch or stop)
                 ):
-                    preds = predict(self.model, self.val_ann, self.device, args.batch_size)
+                    preds = predict(self.served, self.val_ann, self.device, args.batch_size)
                     val = score(preds, self.val_ann, len(self.class_names))
                 if self.main_process:
                     current = -1.0 if val is None else val["map50_11point"]

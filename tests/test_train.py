@@ -14,7 +14,14 @@ from builders import SHARED, make_voc, write_image
 from model import YOLOv1Loss, load_checkpoint
 from model.data import read_voc
 from model.evaluate import cli as eval_cli
-from model.train import TrainingError, get_args_parser, lr_factor, main, output_paths
+from model.train import (
+    TrainingError,
+    ema_average,
+    get_args_parser,
+    lr_factor,
+    main,
+    output_paths,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +87,44 @@ def test_resume_continues_from_the_saved_epoch(toy_voc, tmp_path):
     state = torch.load(output_paths(out)["state"], weights_only=True)
     assert int(state["epoch"]) == 1
     assert len(output_paths(out)["csv"].read_text().splitlines()) == 3
+
+
+def test_ema_average_matches_a_hand_computed_moving_average():
+    from torch.optim.swa_utils import AveragedModel
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.BatchNorm1d(1))
+    ema = AveragedModel(net, multi_avg_fn=ema_average(0.2), use_buffers=True)
+    expected = None
+    for k in range(4):
+        with torch.no_grad():
+            net[0].weight.fill_(float(k + 1))
+        net[1].num_batches_tracked.fill_(10 * k)
+        ema.update_parameters(net)
+        # The first update copies; then the decay is min(0.2, (1 + n) / (10 + n)) after n
+        # updates: 2/11, then 0.2 (3/12 and 4/13 are above it).
+        decay = [None, 2 / 11, 0.2, 0.2][k]
+        expected = 1.0 if decay is None else decay * expected + (1 - decay) * (k + 1)
+        torch.testing.assert_close(ema.module[0].weight, torch.full((1, 2), expected))
+        assert int(ema.module[1].num_batches_tracked) == 10 * k  # an integer: copied
+    # By hand: 1 -> 2/11 + 18/11 = 1.8182 -> 0.36364 + 2.4 = 2.7636 -> 0.55273 + 3.2 = 3.7527.
+    assert expected == pytest.approx(3.7527, abs=1e-4)
+
+
+def test_ema_is_what_is_evaluated_saved_and_resumed(toy_voc, tmp_path):
+    out = tmp_path / "w.safetensors"
+    main(train_args(toy_voc, out, "--epochs", "1", "--ema", "0.9", "--batch-size", "1"))
+    state = torch.load(output_paths(out)["state"], weights_only=True)
+    model, meta = load_checkpoint(output_paths(out)["last"])
+    assert meta["training"]["ema"] == 0.9 and int(state["ema"]["n_averaged"]) == 6  # 6 images
+    name = "darknet.0.conv.weight"
+    saved = model.state_dict()[name]
+    torch.testing.assert_close(saved, state["ema"][f"module.{name}"])
+    assert not torch.allclose(saved, state["model"][name])  # the average, not the last step
+    main(train_args(toy_voc, out, "--epochs", "2", "--ema", "0.9", "--batch-size", "1", "--resume"))
+    state = torch.load(output_paths(out)["state"], weights_only=True)
+    assert int(state["ema"]["n_averaged"]) == 12
+    with pytest.raises(ValueError, match="--ema"):
+        main(train_args(toy_voc, tmp_path / "x.safetensors", "--ema", "1.0"))
 
 
 def test_init_from_checkpoint_with_other_classes(toy_voc, tmp_path):
