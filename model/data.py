@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as F
 
 from model.boxes import encode_targets, hard_targets
 from model.config import VOC_CLASSES
-from model.files import IMAGE_EXTENSIONS
+from model.files import IMAGE_EXTENSIONS, voc_split_file, voc_split_ids
 
 logger = logging.getLogger(__name__)
 
@@ -289,20 +289,23 @@ def _read_voc_item(root: Path, image_id: str, class_index: dict[str, int]) -> An
     return _make_annotation(image_path, width, height, boxes, labels, difficult)
 
 
+def _split_ids(root: Path, split: str) -> list[str]:
+    ids = voc_split_ids(root, split)
+    if ids is None:
+        split_file = voc_split_file(root, split)
+        raise ValueError(f"split file {split_file} not found (root={root}, split={split!r})")
+    return ids
+
+
 def voc_class_names(root: str | Path, split: str) -> list[str]:
     """Every class name the annotation files of ``root``'s ``split`` use, sorted.
 
     Files that are missing or do not parse are left out here; ``read_voc`` warns about them."""
     root = Path(root)
-    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-    if not split_file.is_file():
-        raise ValueError(f"split file {split_file} not found (root={root}, split={split!r})")
     names = set()
-    for line in split_file.read_text().splitlines():
-        if not line.strip():
-            continue
+    for image_id in _split_ids(root, split):
         try:
-            xml_root = ET.parse(root / "Annotations" / f"{line.split()[0]}.xml").getroot()
+            xml_root = ET.parse(root / "Annotations" / f"{image_id}.xml").getroot()
         except (ET.ParseError, OSError):
             continue
         names.update(n for obj in xml_root.findall("object") if (n := _xml_text(obj, "name")))
@@ -322,11 +325,7 @@ def read_voc(
     """
     root = Path(root)
     class_index = _class_index(class_names)
-    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-    if not split_file.is_file():
-        raise ValueError(f"split file {split_file} not found (root={root}, split={split!r})")
-    # Class-specific lists ("000005 -1") carry a second column; the id is always the first.
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    ids = _split_ids(root, split)
 
     annotations = []
     for image_id in ids:

@@ -15,12 +15,25 @@ def voc_image(root: Path, image_id: str) -> Path | None:
     return None
 
 
+def voc_split_file(root: str | Path, split: str) -> Path:
+    """Where a Pascal VOC root lists the image ids of ``split``."""
+    return Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+
+
+def voc_split_ids(root: str | Path, split: str) -> list[str] | None:
+    """The image ids a Pascal VOC root lists for ``split``; None when it has no such list."""
+    split_file = voc_split_file(root, split)
+    if not split_file.is_file():
+        return None
+    # Class-specific lists ("000005 -1") carry a second column; the id is always the first.
+    return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+
+
 def image_files(root: str | Path, split: str) -> list[Path]:
     """The images of a folder, sorted: a Pascal VOC root gives those of its ``split`` (so a
     val split is never trained or calibrated on), any other folder every image file below it."""
     root = Path(root)
-    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-    if split_file.is_file():
-        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    ids = voc_split_ids(root, split)
+    if ids is not None:
         return sorted(p for p in (voc_image(root, i) for i in ids) if p is not None)
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

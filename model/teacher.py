@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from model.config import VOC_CLASSES
 from model.data import Annotation, load_image_rgb, read_image_size, read_voc, voc_class_names
-from model.files import image_files
+from model.files import image_files, voc_split_file
 from model.metadata import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -477,7 +477,7 @@ def foreign_objects(
     """
     found: dict[Path, torch.Tensor] = {}
     for folder in map(Path, folders):
-        if not (folder / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        if not voc_split_file(folder, split).is_file():
             continue
         names = voc_class_names(folder, split)
         foreign = torch.tensor([i for i, n in enumerate(names) if n not in student_names])
