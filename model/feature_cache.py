@@ -3,10 +3,13 @@
 On two CPU cores a pretrained backbone's forward and backward cost far more than the YOLOv1
 head, so with ``--cache-views V`` the stem's layers ``0..L`` (``--train-from-layer L + 1``) run
 once, in eval mode, on V views of every training image: the plain resize, its mirror image,
-and V - 2 views through the training augmentation (scale, translation, colour, flip). Each view's
-boxes move with its pixels, through the same torchvision pipeline as annotated boxes, and are
-encoded as the view's target grid. Training then runs the remaining stem layers and the head on
-these features. The cache is a safetensors file keyed by everything that changes it.
+and V - 2 views through the training augmentation (scale, translation, colour, flip); with
+``--cache-mosaic-views M``, M more views an image, each a 2x2 mosaic of it and three random
+images through the same augmentation (a second cache file: the first V views are reused).
+Each view's boxes move with its pixels, through the same torchvision pipeline as annotated
+boxes, and are encoded as the view's target grid. Training then runs the remaining stem
+layers and the head on these features. The cache is a safetensors file keyed by everything
+that changes it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 def view_datasets(
-    annotations: Sequence[Annotation], image_size: int, views: int
+    annotations: Sequence[Annotation], image_size: int, views: int, mosaic: bool = False
 ) -> list[Dataset[Sample]]:
-    """One dataset per view: plain, mirrored, then ``views - 2`` augmented ones."""
+    """One dataset per view: plain, mirrored, then ``views - 2`` augmented ones; with ``mosaic``,
+    ``views`` augmented mosaics instead."""
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
+    if mosaic:
+        return [DetectionDataset(annotations, image_size, train=True, mosaic=1.0)] * views
     mirrored = v2.Compose(
         [
             v2.Resize((image_size, image_size), antialias=True),
@@ -50,7 +56,13 @@ def view_datasets(
 
 
 def cache_key(
-    model: YOLOv1, annotations: Sequence[Annotation], layer: int, views: int, seed: int, **kwargs
+    model: YOLOv1,
+    annotations: Sequence[Annotation],
+    layer: int,
+    views: int,
+    seed: int,
+    mosaic: bool = False,
+    **kwargs,
 ) -> str:
     """A digest of what the features depend on: the stem's weights, the images, the layer,
     views, seed and loader settings. Not the boxes: the augmentation draws its parameters
@@ -63,7 +75,7 @@ def cache_key(
     for ann in annotations:
         digest.update(str(ann.image_path).encode())
     settings = [layer, views, seed, model.image_size, kwargs.get("batch_size", 32),
-                kwargs.get("workers", 2)]  # fmt: skip
+                kwargs.get("workers", 2)] + (["mosaic"] if mosaic else [])  # fmt: skip
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
 
@@ -79,16 +91,18 @@ def compute_features(
     workers: int = 2,
     progress: bool = True,
     targets_only: bool = False,
+    mosaic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (V*N, c, h, w) float16 of stem layer ``layer`` and targets (V*N, S, S, C+5).
 
     ``targets_only``: the same views' targets and no features (an empty tensor): the views are
-    drawn exactly as with features, for labels that changed on cached images.
+    drawn exactly as with features, for labels that changed on cached images. ``mosaic``: the
+    views are ``view_datasets``' mosaics.
     """
     model.stem.net.check_split(layer + 1)
     frozen = fold_batchnorm(model).eval()
     S, C = model.grid_size, model.num_classes
-    dataset = ConcatDataset(view_datasets(annotations, model.image_size, views))
+    dataset = ConcatDataset(view_datasets(annotations, model.image_size, views, mosaic))
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size, num_workers=workers, collate_fn=detection_collate,
@@ -119,21 +133,24 @@ def load_or_compute(
     layer: int,
     views: int,
     seed: int,
+    mosaic: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_features``, cached in ``path_dir/features-<key16>.safetensors``."""
-    key = cache_key(model, annotations, layer, views, seed, **kwargs)
+    key = cache_key(model, annotations, layer, views, seed, mosaic, **kwargs)
     path = Path(path_dir) / f"features-{key[:16]}.safetensors"
     if path.is_file():
         features = load_file(str(path))["features"]
         logger.info("features: reusing %s; drawing the views' targets", path)
         _, targets = compute_features(
-            model, annotations, layer, views, seed, targets_only=True, **kwargs
+            model, annotations, layer, views, seed, targets_only=True, mosaic=mosaic, **kwargs
         )
         if len(targets) != len(features):
             raise RuntimeError(f"{path}: {len(features)} features for {len(targets)} targets")
         return features, targets
-    features, targets = compute_features(model, annotations, layer, views, seed, **kwargs)
+    features, targets = compute_features(
+        model, annotations, layer, views, seed, mosaic=mosaic, **kwargs
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"features": features}, str(tmp))

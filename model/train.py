@@ -338,6 +338,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "mirrored, augmented); needs --train-from-layer",
     )  # fmt: skip
     p.add_argument(
+        "--cache-mosaic-views", type=int, default=0, metavar="M",
+        help="with --cache-views: M more cached views per image, each a 2x2 mosaic of it and "
+        "three random images through the training augmentation",
+    )  # fmt: skip
+    p.add_argument(
         "--train-from-layer", type=int,
         help="with --cache-views: the first backbone layer that trains (earlier ones are cached)",
     )  # fmt: skip
@@ -365,7 +370,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="evaluate and save an exponential moving average of the weights with this decay "
         "per step (e.g. 0.999; 0: the weights themselves)",
     )
-    p.add_argument("--mosaic", type=float, default=0.0, help="probability of a 4-image mosaic")
+    p.add_argument(
+        "--mosaic", type=float, default=0.0,
+        help="probability of a 4-image mosaic (with --cache-views: --cache-mosaic-views)",
+    )  # fmt: skip
     p.add_argument("--no-augment", action="store_true", help="train on plainly resized images")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
@@ -395,11 +403,24 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
+def check_view_options(args: argparse.Namespace) -> None:
+    """The view options that contradict each other: refused before any labelling starts."""
+    if args.cache_views < 0 or args.cache_mosaic_views < 0:
+        raise ValueError("--cache-views and --cache-mosaic-views count views: they must be >= 0")
+    if args.cache_mosaic_views and not args.cache_views:
+        raise ValueError("--cache-mosaic-views adds to --cache-views: give both")
+    if args.cache_views and args.mosaic:
+        raise ValueError(
+            "--mosaic applies to live images; with --cache-views, use --cache-mosaic-views"
+        )
+
+
 class Trainer:
     """One training run; ``run()`` returns the path of the best checkpoint."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        check_view_options(args)
         self.device, self.rank, self.world = setup_distributed(args.device)
         self.main_process = self.rank == 0
         torch.manual_seed(args.seed + self.rank)
@@ -588,10 +609,17 @@ class Trainer:
             for p in layer.parameters():
                 p.requires_grad_(i > self.cached_from)
         start = time.perf_counter()
+        kwargs = {"batch_size": 32, "workers": a.workers, "progress": not a.no_progress}
+        cache = a.out.parent / "features"
         features, targets = load_or_compute(
-            a.out.parent / "features", self.model, train_ann, self.cached_from, a.cache_views,
-            a.seed, batch_size=32, workers=a.workers, progress=not a.no_progress,
-        )  # fmt: skip
+            cache, self.model, train_ann, self.cached_from, a.cache_views, a.seed, **kwargs
+        )
+        if a.cache_mosaic_views:
+            mosaics = load_or_compute(
+                cache, self.model, train_ann, self.cached_from, a.cache_mosaic_views, a.seed,
+                mosaic=True, **kwargs,
+            )  # fmt: skip
+            features, targets = torch.cat([features, mosaics[0]]), torch.cat([targets, mosaics[1]])
         logger.info("features ready in %.1f s", time.perf_counter() - start)
         return TensorDataset(features, targets)
 
@@ -629,6 +657,7 @@ class Trainer:
                 "ema": a.ema,
                 "teacher": self.teacher_info,
                 "cache_views": a.cache_views,
+                "cache_mosaic_views": a.cache_mosaic_views,
                 "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],

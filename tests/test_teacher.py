@@ -12,7 +12,7 @@ from builders import SHARED, make_dog_voc, make_voc, write_darknet_weights, writ
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
 from model.darknet import load_darknet
-from model.data import Annotation, DetectionDataset, voc_class_names
+from model.data import Annotation, DetectionDataset, target_grid, voc_class_names
 from model.feature_cache import compute_features
 from model.teacher import (
     EnsembleTeacher,
@@ -519,6 +519,59 @@ def test_cached_features_serve_new_labels_of_the_same_images(tmp_path):
     torch.testing.assert_close(reused, features)
     assert empty[..., 20].sum() == 0 and targets[..., 20].sum() > 0
     assert len(list((tmp_path / "c").glob("features-*"))) == 1
+
+
+def test_mosaic_views_are_a_second_cache_of_tiled_views(tmp_path):
+    """--cache-mosaic-views: four images a view, cached apart from the plain views."""
+    from model.feature_cache import load_or_compute
+    from model.network import YOLOv1
+    from model.train import backbone_arch
+
+    cfg, weights = write_tiny_yolo(tmp_path)
+    model = YOLOv1(backbone_arch(cfg, 4), 20, 2, 64, mean=(0, 0, 0), std=(1, 1, 1)).eval()
+    model.stem.net.load_state_dict(load_darknet(cfg, weights, upto=4).state_dict())
+    anns = []
+    for k in range(3):  # one small object each, of class k
+        write_image(tmp_path / f"m{k}.png", 64, 64, [(20, 20, 44, 44)])
+        labels = {"boxes": [[0.3, 0.3, 0.7, 0.7]], "scores": [0.9], "labels": [k],
+                  "size": [64, 64]}  # fmt: skip
+        anns.append(teacher_annotation(tmp_path / f"m{k}.png", labels, list(range(20)), 0.3))
+    kw = {"workers": 0, "progress": False}
+    plain, plain_targets = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, **kw)
+    features, targets = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, mosaic=True, **kw)
+    assert features.shape == plain.shape == (6, 8, 4, 4)
+    assert len(list((tmp_path / "c").glob("features-*"))) == 2  # the plain file is untouched
+    again, _ = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, **kw)
+    torch.testing.assert_close(again, plain)
+    # A plain view holds its one object; a mosaic view up to four, from the three images only.
+    assert (plain_targets[..., 20].sum((1, 2)) == 1).all()
+    assert targets[..., 20].sum() > plain_targets[..., 20].sum()
+    assert set(targets[..., :20].argmax(-1)[targets[..., 20] == 1].tolist()) <= {0, 1, 2}
+    # The first mosaic view is the training mosaic the same seed draws, through the live stem.
+    torch.manual_seed(0)
+    image, target = DetectionDataset(anns, 64, train=True, mosaic=1.0)[0]
+    with torch.no_grad():
+        cached = model.forward_from(features[:1].float(), 3)
+        torch.testing.assert_close(cached, model(image[None]), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(targets[0], target_grid(target, 2, 20))
+
+
+def test_view_options_that_contradict_are_refused_before_labelling(tmp_path, capsys):
+    from model.train import cli
+
+    voc = make_voc(tmp_path / "voc", {"a": (64, 64, [("dog", 5, 5, 40, 50, 0)])})
+    base = ["--data", str(voc), "--img-size", "64", "--epochs", "1", "--workers", "0",
+            "--no-progress", "--out", str(tmp_path / "w.safetensors")]  # fmt: skip
+    for extra, message in (
+        (["--cache-views", "3", "--mosaic", "0.5"], "use --cache-mosaic-views"),
+        (["--cache-mosaic-views", "2"], "give both"),
+        (["--cache-views", "-1"], "must be >= 0"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(base + extra)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def detections(boxes, probs, objectness, labels=None) -> dict[str, torch.Tensor]:
