@@ -56,17 +56,12 @@ def view_datasets(
 
 
 def cache_key(
-    model: YOLOv1,
-    annotations: Sequence[Annotation],
-    layer: int,
-    views: int,
-    seed: int,
-    mosaic: bool = False,
-    **kwargs,
+    model: YOLOv1, annotations: Sequence[Annotation], layer: int, views: int, seed: int, **kwargs
 ) -> str:
     """A digest of what the features depend on: the stem's weights, the images, the layer,
-    views, seed and loader settings. Not the boxes: the augmentation draws its parameters
-    without looking at them, so other labels of the same images reuse the features."""
+    views, seed, loader settings and ``mosaic`` (``compute_features``' keywords). Not the
+    boxes: the augmentation draws its parameters without looking at them, so other labels of
+    the same images reuse the features."""
     digest = hashlib.sha256()
     state = model.stem.net.state_dict()
     for name in sorted(state):
@@ -75,7 +70,9 @@ def cache_key(
     for ann in annotations:
         digest.update(str(ann.image_path).encode())
     settings = [layer, views, seed, model.image_size, kwargs.get("batch_size", 32),
-                kwargs.get("workers", 2)] + (["mosaic"] if mosaic else [])  # fmt: skip
+                kwargs.get("workers", 2)]  # fmt: skip
+    if kwargs.get("mosaic"):  # plain views keep the key they had before mosaics existed
+        settings.append("mosaic")
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()
 
@@ -133,24 +130,21 @@ def load_or_compute(
     layer: int,
     views: int,
     seed: int,
-    mosaic: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_features``, cached in ``path_dir/features-<key16>.safetensors``."""
-    key = cache_key(model, annotations, layer, views, seed, mosaic, **kwargs)
+    key = cache_key(model, annotations, layer, views, seed, **kwargs)
     path = Path(path_dir) / f"features-{key[:16]}.safetensors"
     if path.is_file():
         features = load_file(str(path))["features"]
         logger.info("features: reusing %s; drawing the views' targets", path)
         _, targets = compute_features(
-            model, annotations, layer, views, seed, targets_only=True, mosaic=mosaic, **kwargs
+            model, annotations, layer, views, seed, targets_only=True, **kwargs
         )
         if len(targets) != len(features):
             raise RuntimeError(f"{path}: {len(features)} features for {len(targets)} targets")
         return features, targets
-    features, targets = compute_features(
-        model, annotations, layer, views, seed, mosaic=mosaic, **kwargs
-    )
+    features, targets = compute_features(model, annotations, layer, views, seed, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"features": features}, str(tmp))
