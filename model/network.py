@@ -209,6 +209,45 @@ class YOLOv1(nn.Module):
         )  # (N,S,S,C+5B)
 
 
+def cell_output_layer(model: YOLOv1) -> nn.Linear:
+    """The connected output layer, when it reads the S x S map directly (no hidden layer).
+
+    Its weight is then (S*S*(C+5B), channels*S*S): output ``(i*S + j)*(C+5B) + o`` of cell
+    (i, j) and input ``k*S*S + i*S + j`` of channel k at cell (i, j) (``nn.Flatten`` of NCHW).
+    """
+    linear = model.fcs[-1]
+    cells = model.grid_size**2
+    if model.arch_config.head_hidden or not isinstance(linear, nn.Linear):
+        raise ValueError("the output layer reads a hidden layer, not the grid (--head-hidden 0)")
+    if linear.in_features % cells or linear.out_features % cells:
+        raise ValueError(f"the output layer's {linear.in_features} inputs are not {cells} cells")
+    return linear
+
+
+@torch.no_grad()
+def share_cells(linear: nn.Linear, S: int, fresh: bool = False) -> None:
+    """Make the connected output layer a 1 x 1 convolution over the S x S map, in place.
+
+    Every cell's outputs then read only that cell's channels, with the same weights and bias in
+    every cell: the weight is block-diagonal over cells, each block the mean of the layer's
+    current blocks (``fresh``: a new random block, initialised as ``nn.Linear`` initialises a
+    layer with one cell's inputs). The layer keeps its shape, so whatever reads or saves it is
+    unchanged; training may later let the other weights grow.
+    """
+    P = S * S
+    D, K = linear.out_features // P, linear.in_features // P
+    weight = linear.weight.view(P, D, K, P)
+    if fresh:
+        block = nn.Linear(K, D, device=weight.device)
+        shared_w, shared_b = block.weight.to(weight.dtype), block.bias.to(weight.dtype)
+    else:
+        shared_w = torch.diagonal(weight, dim1=0, dim2=3).mean(-1)  # (D, K)
+        shared_b = linear.bias.view(P, D).mean(0)
+    weight.zero_()
+    torch.diagonal(weight, dim1=0, dim2=3).copy_(shared_w.unsqueeze(-1).expand(D, K, P))
+    linear.bias.copy_(shared_b.repeat(P))
+
+
 def build_model(
     arch: str = "yolov1",
     num_classes: int = 20,

@@ -55,7 +55,7 @@ from model.evaluate import predict, resolve_device, score
 from model.feature_cache import load_or_compute
 from model.loss import YOLOv1Loss
 from model.metadata import read_metadata
-from model.network import YOLOv1, build_model
+from model.network import YOLOv1, build_model, cell_output_layer, share_cells
 from model.teacher import (
     class_mapping,
     drop_foreign_boxes,
@@ -298,6 +298,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "4096; 0: none, the conv straight into the output layer, as Darknet's yolov1.cfg)",
     )  # fmt: skip
     p.add_argument(
+        "--shared-cell-epochs", type=int, default=0, metavar="N",
+        help="train the connected output layer as a 1x1 convolution for the first N epochs "
+        "(each cell reads only its own column of the map, the same weights in every cell; it "
+        "starts fresh), then as the full connected layer; needs --head-hidden 0",
+    )  # fmt: skip
+    p.add_argument(
         "--freeze-backbone-epochs", type=int, default=0,
         help="train only the head for this many epochs first",
     )  # fmt: skip
@@ -444,6 +450,12 @@ class Trainer:
         self.model = self.build(C)
         if args.init:
             init_from(self.model, args.init)
+        self.cell_layer = None
+        if args.shared_cell_epochs < 0:
+            raise ValueError(f"--shared-cell-epochs must be >= 0, got {args.shared_cell_epochs}")
+        if args.shared_cell_epochs:
+            self.cell_layer = cell_output_layer(self.model)
+            share_cells(self.cell_layer, self.model.grid_size, fresh=True)
         self.model.to(self.device)
         if not 0.0 <= args.ema < 1.0:
             raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
@@ -658,6 +670,7 @@ class Trainer:
                 "teacher": self.teacher_info,
                 "cache_views": a.cache_views,
                 "cache_mosaic_views": a.cache_mosaic_views,
+                "shared_cell_epochs": a.shared_cell_epochs,
                 "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
@@ -710,6 +723,10 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.set_backbone_frozen(epoch < self.args.freeze_backbone_epochs)
+        shared_cells = epoch < self.args.shared_cell_epochs
+        if self.cell_layer is not None and epoch == self.args.shared_cell_epochs:
+            for p in self.cell_layer.parameters():  # its moments were those of the tied layer
+                self.optimizer.state.pop(p, None)
         net = self.ddp or self.model
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
@@ -746,6 +763,8 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
+            if shared_cells:
+                share_cells(self.cell_layer, self.model.grid_size)
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
             self.step += 1

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import ARCHITECTURES, build_model, fold_batchnorm, prepare_for_inference
 from model.config import DARKNET24
-from model.network import CNNBlock
+from model.network import CNNBlock, share_cells
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -107,3 +108,36 @@ def test_batchnorm_folding_is_equivalent(seed):
 def test_half_precision_refused_on_cpu():
     with pytest.raises(ValueError, match="CUDA"):
         prepare_for_inference(build_model("yolov1-tiny", image_size=64), "cpu", torch.float16)
+
+
+def test_shared_cells_make_the_connected_layer_a_one_by_one_convolution():
+    S, K, D = 5, 6, 30
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(K * S * S, D * S * S)
+    share_cells(linear, S)
+    x = torch.randn(3, K, S, S)
+    y = linear(x.flatten(1)).view(3, S, S, D)  # as YOLOv1.head flattens and views
+    block, bias = linear.weight[:D, :: S * S], linear.bias[:D]  # cell (0, 0)'s outputs and inputs
+    reference = F.conv2d(x, block[:, :, None, None], bias).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y, reference)
+    # A convolution commutes with shifting the map: an object moved by a cell moves its output.
+    shifted = linear(torch.roll(x, (1, 2), (2, 3)).flatten(1)).view(3, S, S, D)
+    torch.testing.assert_close(shifted, torch.roll(y, (1, 2), (1, 2)))
+    # Sharing again is the identity; a fresh block is initialised for one cell's K inputs.
+    before = linear.weight.clone()
+    share_cells(linear, S)
+    torch.testing.assert_close(linear.weight, before)
+    share_cells(linear, S, fresh=True)
+    assert linear.weight.abs().max() <= 1 / K**0.5
+    assert linear.weight[:D, 0].abs().max() > 1 / (K * S * S) ** 0.5  # not the S*S*K fan-in
+
+
+def test_shared_cells_average_the_cells_blocks():
+    S, K, D = 2, 1, 1
+    linear = torch.nn.Linear(K * S * S, D * S * S)
+    with torch.no_grad():
+        linear.weight.copy_(torch.arange(16.0).view(4, 4))  # the diagonal: 0, 5, 10, 15
+        linear.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 6.0]))
+    share_cells(linear, S)
+    torch.testing.assert_close(linear.weight, torch.eye(4) * 7.5)  # (0 + 5 + 10 + 15) / 4
+    torch.testing.assert_close(linear.bias, torch.full((4,), 3.0))

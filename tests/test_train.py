@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import SHARED, make_voc, write_image
+from builders import SHARED, make_voc, write_darknet_weights, write_image
 
 from model import YOLOv1Loss, load_checkpoint
 from model.data import read_voc
@@ -277,3 +277,41 @@ def test_tiny_model_learns_eight_real_images(tmp_path):
     best = main(args)
     _, meta = load_checkpoint(best)
     assert meta["training"]["val_map50_11point"] >= 0.9
+
+
+def test_shared_cell_epochs_train_a_convolution_then_the_connected_layer(toy_voc, tmp_path):
+    # A one-scale Darknet backbone, stride 32: a 4 x 4 map of 128 px, the head conv straight
+    # into the connected output layer (--head-hidden 0).
+    conv = (
+        "[convolutional]\nbatch_normalize=1\nfilters=8\nsize=3\nstride=2\npad=1\nactivation=leaky\n"
+    )
+    cfg = tmp_path / "b.cfg"
+    cfg.write_text(
+        "[net]\nwidth=128\nheight=128\nchannels=3\n"
+        + (conv + "[maxpool]\nsize=2\nstride=2\n") * 2
+        + conv
+    )
+    weights = write_darknet_weights(
+        tmp_path / "b.weights", [(3, 8, 3, True), (8, 8, 3, True), (8, 8, 3, True)]
+    )
+    out = tmp_path / "w.safetensors"
+    argv = ["--backbone", str(cfg), str(weights), "--backbone-layer", "4", "--head-hidden", "0",
+            "--head-filters", "6", "--epochs", "2", "--shared-cell-epochs", "1"]  # fmt: skip
+    main(train_args(toy_voc, out, *argv, "--max-steps", "1"))  # the first epoch: one step
+    model, meta = load_checkpoint(output_paths(out)["last"])
+    assert meta["training"]["shared_cell_epochs"] == 1
+    S, D = model.grid_size, 30
+    linear = model.fcs[-1]
+    features = model.darknet(model.stem(torch.rand(2, 3, 128, 128)))  # (2, 6, S, S)
+    with torch.no_grad():
+        block, bias = linear.weight[:D, :: S * S], linear.bias[:D]
+        reference = torch.nn.functional.conv2d(features, block[:, :, None, None], bias)
+        torch.testing.assert_close(
+            linear(features.flatten(1)).view(2, S, S, D), reference.permute(0, 2, 3, 1)
+        )
+    main(train_args(toy_voc, out, *argv, "--resume"))  # the second epoch: the whole layer
+    model, _ = load_checkpoint(output_paths(out)["last"])
+    weight = model.fcs[-1].weight.view(S * S, D, 6, S * S)
+    assert weight[0, :, :, 1].abs().max() > 0  # cell (0, 0) now reads cell (0, 1) too
+    with pytest.raises(ValueError, match="--head-hidden 0"):
+        main(train_args(toy_voc, tmp_path / "x.safetensors", "--shared-cell-epochs", "1"))
