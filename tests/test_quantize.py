@@ -218,8 +218,10 @@ def test_the_int8_grid_follows_the_float_grid(engines, tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared
 def test_int8_detections_agree_with_float32_on_real_images(tmp_path):
-    """The issue's agreement measure on a small real set: float32's own detections over the
-    calibrated threshold as the truth, int8 scored against them, mAP@0.5 >= 0.9."""
+    """The gate's agreement measure on the engine as shipped (the default calibration settings)
+    and the gate's images (voc2007_subset val): float32's own detections over the calibrated
+    threshold as the truth, int8 scored against them, mAP@0.5 >= 0.9. (A subset is not enough:
+    on its first 24 images the default weights read 0.89, on all 59 0.94-0.95.)"""
     weights = REPO / "weights" / "yolov1-voc.safetensors"
     voc = SHARED / "datasets" / "voc2007_subset"
     if not voc.is_dir() or not weights.is_file():
@@ -227,10 +229,10 @@ def test_int8_detections_agree_with_float32_on_real_images(tmp_path):
     meta = read_metadata(weights)
     model, _ = __import__("model").load_checkpoint(weights)
     fp32 = export_onnx(model, tmp_path / "fp32.onnx")
-    files = calibration_files([voc], "train", 16)
+    files = calibration_files([voc], "train", QuantizeSettings().images)
     images = load_calibration_images(files, meta["image_size"])
     int8 = quantize_onnx(fp32, tmp_path / "int8.onnx", images)
-    annotations = read_datasets([voc], "voc", "val", meta["class_names"])[:24]
+    annotations = read_datasets([voc], "voc", "val", meta["class_names"])
     cpu = torch.device("cpu")
     reference = predict(model, annotations, cpu, forward=onnx_forward(fp32))
     quantized = predict(model, annotations, cpu, forward=onnx_forward(int8))
