@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -745,14 +746,17 @@ def load_darknet(
 # -- decoding ------------------------------------------------------------------------------------
 
 
-def decode_yolo(network: DarknetNetwork, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Darknet's ``[yolo]`` decoding of every output scale.
+def decode_yolo(
+    network: DarknetNetwork, outputs: list[torch.Tensor], layers: Sequence[int] | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Darknet's ``[yolo]`` decoding of every output scale (or of the ``[yolo]`` ``layers``
+    whose raw outputs ``outputs`` are).
 
     Returns ``boxes`` (N, M, 4) xyxy normalised to the network input (not clipped),
     ``objectness`` (N, M) and ``class_probs`` (N, M, C), both after the logistic; Darknet's
     score of a class is ``objectness * class_prob``.
     """
-    yolos = [network.layers[i] for i in network.output_layers]
+    yolos = [network.layers[i] for i in (network.output_layers if layers is None else layers)]
     if not all(isinstance(y, Yolo) for y in yolos):
         raise ValueError("decode_yolo needs a network whose outputs are [yolo] layers")
     all_boxes, all_obj, all_cls = [], [], []

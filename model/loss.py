@@ -77,6 +77,18 @@ class YOLOv1Loss(nn.Module):
             "class": (obj * class_err).sum() / N,
         }
 
+    def dense_term(
+        self, pred: torch.Tensor, target: torch.Tensor, q: torch.Tensor, w: torch.Tensor
+    ) -> torch.Tensor:
+        """The dense distillation term (``model.distill``), divided by N: in every cell, with
+        the weight ``w`` (N, S, S) times the probability that the cell holds no target object,
+        the squared error of the class scores against the teacher's ``q`` (N, S, S, C). Object
+        cells keep ``terms``' class term alone."""
+        C = self.C
+        absent = 1 - target[..., C]
+        err = (pred[..., :C].float() - q).square().sum(-1)
+        return (w * absent * err).sum() / pred.shape[0]
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Total loss, a scalar; see ``terms`` for the parts."""
         return torch.stack(list(self.terms(pred, target).values())).sum()

@@ -51,6 +51,7 @@ from model.data import (
     read_datasets,
     target_grid,
 )
+from model.distill import DenseTeacher, same_prefix
 from model.evaluate import predict, resolve_device, score
 from model.feature_cache import load_or_compute
 from model.loss import YOLOv1Loss
@@ -339,6 +340,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--label-cache", type=Path, help="teacher label cache (default: beside --out)")
     p.add_argument(
+        "--distill-dense", type=float, default=0.0, metavar="W",
+        help="with --cache-views, when the cached layers are the (first) Darknet teacher's own: "
+        "weight of a class term in the cells without a target object, whose target is the "
+        "teacher's output run on the cached features (model.distill; 0: off)",
+    )  # fmt: skip
+    p.add_argument(
         "--cache-views", type=int, default=0,
         help="train on cached --backbone features of this many views per image (plain, "
         "mirrored, augmented); needs --train-from-layer",
@@ -442,6 +449,7 @@ class Trainer:
         if not train_ann:
             raise ValueError(f"no annotated images in split {args.train_split!r} of {args.data}")
         self.teacher_info: dict[str, Any] | None = None
+        self.teacher = None
         if args.teacher:
             train_ann = self.add_teacher_labels(train_ann)
         elif args.unlabeled or args.soft_targets or args.teacher_fill:
@@ -468,6 +476,11 @@ class Trainer:
         self.criterion = YOLOv1Loss(S, B, C)
         generator = torch.Generator().manual_seed(args.seed)
         self.cached_from = None
+        self.dense_teacher: DenseTeacher | None = None
+        if args.distill_dense < 0:
+            raise ValueError(f"--distill-dense must be >= 0, got {args.distill_dense}")
+        if args.distill_dense and not (args.cache_views and args.teacher):
+            raise ValueError("--distill-dense needs --cache-views and a --teacher")
         if args.cache_views:
             dataset = self.cached_dataset(train_ann)
         else:
@@ -558,6 +571,7 @@ class Trainer:
         a = self.args
         names = load_class_names(a.teacher_names) if a.teacher_names else None
         teacher = load_teachers(a.teacher, names)
+        self.teacher = teacher
         mapping = class_mapping(teacher.class_names, self.class_names)
         if a.soft_targets and not teacher.gives_class_probs:
             raise ValueError("--soft-targets needs a Darknet teacher (CFG WEIGHTS): "
@@ -633,7 +647,25 @@ class Trainer:
             )  # fmt: skip
             features, targets = torch.cat([features, mosaics[0]]), torch.cat([targets, mosaics[1]])
         logger.info("features ready in %.1f s", time.perf_counter() - start)
+        if a.distill_dense:
+            self.dense_teacher = self.build_dense_teacher()
         return TensorDataset(features, targets)
+
+    def build_dense_teacher(self) -> DenseTeacher:
+        """--distill-dense: the first Darknet teacher's output that runs on the cached layer."""
+        members = getattr(self.teacher, "members", [self.teacher])
+        darknet = next((m for m in members if getattr(m, "network", None) is not None), None)
+        if darknet is None:
+            raise ValueError("--distill-dense needs a Darknet --teacher (CFG WEIGHTS)")
+        network = darknet.network.to(self.device)
+        if not same_prefix(self.model.stem.net, network, self.cached_from):
+            raise ValueError(
+                f"--distill-dense needs cached layers 0..{self.cached_from} that are the "
+                f"teacher's own ({darknet.cfg.name}): a --backbone from its cfg and weights, "
+                "and no --init that changed those layers"
+            )
+        mapping = class_mapping(darknet.class_names, self.class_names)
+        return DenseTeacher(network, self.cached_from + 1, mapping, self.model.grid_size)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         stem = self.model.stem
@@ -671,6 +703,7 @@ class Trainer:
                 "cache_views": a.cache_views,
                 "cache_mosaic_views": a.cache_mosaic_views,
                 "shared_cell_epochs": a.shared_cell_epochs,
+                "distill_dense": a.distill_dense,
                 "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
@@ -750,6 +783,10 @@ class Trainer:
                 else:  # images are the stem's cached features (float16 on disk)
                     pred = self.model.forward_from(images.float(), self.cached_from)
             terms = self.criterion.terms(pred.float(), targets)
+            if self.dense_teacher is not None:
+                q, w = self.dense_teacher(images.float())
+                dense = self.criterion.dense_term(pred, targets, q, w)
+                terms["dense"] = self.args.distill_dense * dense
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -786,6 +823,7 @@ class Trainer:
     def run(self) -> Path:
         args = self.args
         fields = ["epoch", "lr", "coord", "object", "noobj", "class", "val_map50", "seconds"]
+        fields += ["dense"] if self.dense_teacher is not None else []
         log_path = self.paths["csv"]
         if self.main_process:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -816,6 +854,7 @@ class Trainer:
                     row += [round(losses.get(k, float("nan")), 4) for k in fields[2:6]]
                     row += [None if val is None else round(current, 4)]
                     row += [round(time.perf_counter() - started, 1)]
+                    row += [round(losses["dense"], 4)] if "dense" in fields else []
                     with open(log_path, "a", newline="") as f:
                         csv.writer(f).writerow(row)
                     logger.info(

@@ -105,6 +105,63 @@ def write_darknet_weights(
     return path
 
 
+# A tiny [yolo] detector: 64 px in, stride 32 after layer 4 (2x2), 3 anchors x (20 + 5).
+TINY_YOLO = """
+[net]
+width=64
+height=64
+channels=3
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=2
+pad=1
+activation=leaky
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=16
+size=3
+stride=2
+pad=1
+activation=leaky
+[convolutional]
+filters=75
+size=1
+stride=1
+pad=1
+activation=linear
+[yolo]
+mask=0,1,2
+anchors=10,14,23,27,37,58
+classes=20
+num=3
+scale_x_y=1.05
+"""
+
+
+def write_tiny_yolo(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """The cfg and random weights in Darknet's layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "tiny.cfg"
+    cfg.write_text(TINY_YOLO)
+    convs = [(3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 75, 1, False)]
+    return cfg, write_darknet_weights(folder / "tiny.weights", convs, seed)
+
+
 def make_dog_voc(root: Path, images: int = 4) -> Path:
     """A VOC tree of ``images`` 64 x 64 pictures, one dog each; the first is also the val split."""
     items = {f"img{k}": (64, 64, [("dog", 5 + k, 5, 40, 50, 0)]) for k in range(images)}

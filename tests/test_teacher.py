@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import SHARED, make_dog_voc, make_voc, write_darknet_weights, write_image
+from builders import (
+    SHARED,
+    make_dog_voc,
+    make_voc,
+    write_image,
+    write_tiny_yolo,
+)
 
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
@@ -27,62 +33,6 @@ from model.teacher import (
     teacher_annotation,
 )
 from model.train import get_args_parser, main
-
-# A tiny [yolo] detector: 64 px in, stride 32 after layer 4 (2x2), 3 anchors x (20 + 5).
-TINY_YOLO = """
-[net]
-width=64
-height=64
-channels=3
-[convolutional]
-batch_normalize=1
-filters=8
-size=3
-stride=2
-pad=1
-activation=leaky
-[maxpool]
-size=2
-stride=2
-[convolutional]
-batch_normalize=1
-filters=8
-size=3
-stride=2
-pad=1
-activation=leaky
-[maxpool]
-size=2
-stride=2
-[convolutional]
-batch_normalize=1
-filters=16
-size=3
-stride=2
-pad=1
-activation=leaky
-[convolutional]
-filters=75
-size=1
-stride=1
-pad=1
-activation=linear
-[yolo]
-mask=0,1,2
-anchors=10,14,23,27,37,58
-classes=20
-num=3
-scale_x_y=1.05
-"""
-
-
-def write_tiny_yolo(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """The cfg and random weights in Darknet's layout."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / "tiny.cfg"
-    cfg.write_text(TINY_YOLO)
-    convs = [(3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 75, 1, False)]
-    return cfg, write_darknet_weights(folder / "tiny.weights", convs, seed)
 
 
 class CountingTeacher:

@@ -1,0 +1,128 @@
+"""Dense distillation (--distill-dense): the teacher's class scores per student cell."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from builders import SHARED, make_dog_voc, write_tiny_yolo
+
+from model.checkpoint import load_checkpoint
+from model.config import VOC_CLASSES
+from model.darknet import decode_yolo, load_darknet
+from model.distill import DenseTeacher, cell_class_targets, reachable_output, same_prefix
+from model.loss import YOLOv1Loss
+from model.train import get_args_parser, main, output_paths
+
+
+def test_cell_targets_by_hand():
+    # S = 2. Cell (0, 0) holds two predictions, (0, 1) one, (1, 1) one on the far corner
+    # (x = y = 1.0 belongs to the last cell), (1, 0) none.
+    centres = torch.tensor([[[0.1, 0.1], [0.4, 0.3], [0.9, 0.2], [1.0, 1.0]]])
+    objectness = torch.tensor([[0.5, 0.25, 0.8, 0.1]])
+    probs = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.2, 0.6]]])
+    q, w = cell_class_targets(centres, objectness, probs, 2)
+    expected_q = torch.tensor([[[[2 / 3, 1 / 3], [0.5, 0.5]], [[0.0, 0.0], [0.2, 0.6]]]])
+    torch.testing.assert_close(q, expected_q)
+    torch.testing.assert_close(w, torch.tensor([[[0.5, 0.8], [0.0, 0.1]]]))
+
+
+def slow_reference(network, image, S, teacher_to_student, C):
+    """Every prediction of the whole network on the image, one at a time, into cells."""
+    with torch.no_grad():
+        boxes, obj, probs = decode_yolo(network, network(image))
+    q = torch.zeros(S, S, C)
+    mass = torch.zeros(S, S)
+    w = torch.zeros(S, S)
+    for m in range(boxes.shape[1]):
+        x = (boxes[0, m, 0] + boxes[0, m, 2]).item() / 2
+        y = (boxes[0, m, 1] + boxes[0, m, 3]).item() / 2
+        row, col = min(int(y * S), S - 1), min(int(x * S), S - 1)
+        o = float(obj[0, m])
+        for t, s in enumerate(teacher_to_student):
+            if s >= 0:
+                q[row, col, s] += o * float(probs[0, m, t])
+        mass[row, col] += o
+        w[row, col] = max(w[row, col], o)
+    return q / mass.clamp_min(1e-12)[..., None], w
+
+
+@pytest.mark.parametrize("student", [list(reversed(VOC_CLASSES)), ["dog", "cat"]])
+def test_the_dense_teacher_on_cached_features_matches_the_whole_network(tmp_path, student):
+    cfg, weights = write_tiny_yolo(tmp_path)
+    network = load_darknet(cfg, weights)
+    image = torch.rand(1, 3, 128, 128)  # 4 x 4 predictions an anchor
+    mapping = [student.index(n) if n in student else -1 for n in VOC_CLASSES]
+    with torch.no_grad():
+        cached = network(image, upto=2)[0]  # what --cache-views keeps with --train-from-layer 3
+    teacher = DenseTeacher(network, 3, mapping, S=3)
+    q, w = teacher(cached)
+    ref_q, ref_w = slow_reference(network, image, 3, mapping, len(student))
+    torch.testing.assert_close(q[0], ref_q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w[0], ref_w, atol=1e-6, rtol=1e-5)
+    assert (w > 0).all()  # 16 centres on a 3 x 3 grid: every cell holds some
+
+
+def test_reachable_output_and_same_prefix(tmp_path):
+    cfg, weights = write_tiny_yolo(tmp_path)
+    network = load_darknet(cfg, weights)
+    assert reachable_output(network, 3) == 6
+    with pytest.raises(ValueError, match="no \\[yolo\\] output"):
+        reachable_output(network, 7)
+    other = load_darknet(cfg, write_tiny_yolo(tmp_path / "other", seed=1)[1])
+    assert same_prefix(network, load_darknet(cfg, weights), 4)
+    assert not same_prefix(network, other, 0)
+
+
+@pytest.mark.shared
+def test_yolo_fastest_xl_stride_32_output_runs_from_layer_99():
+    folder = SHARED / "teachers" / "yolo-fastest-xl-voc"
+    if not folder.is_dir():
+        pytest.skip(f"needs {folder} (../shared)")
+    network = load_darknet(folder / "yolo-fastest-xl.cfg")  # the cfg is enough: no weights
+    assert reachable_output(network, 99) == 115  # the stride-32 [yolo] on layers 99..114
+    with pytest.raises(ValueError):  # the stride-16 branch reads layer 81
+        reachable_output(network, 117)
+
+
+def test_dense_term_by_hand():
+    loss = YOLOv1Loss(S=1, B=1, C=2)
+    pred = torch.zeros(2, 1, 1, 7)
+    pred[0, 0, 0, :2] = torch.tensor([0.5, 0.0])
+    pred[1, 0, 0, :2] = torch.tensor([0.5, 0.0])
+    target = torch.zeros(2, 1, 1, 7)
+    target[1, 0, 0, 2] = 1.0  # the second image's cell holds an object: its class term rules
+    q = torch.tensor([1.0, 0.0]).expand(2, 1, 1, 2)
+    w = torch.full((2, 1, 1), 0.5)
+    # (0.5 * (0.5 - 1)^2 + 0) / N = 0.125 / 2
+    assert loss.dense_term(pred, target, q, w).item() == pytest.approx(0.0625)
+
+
+def dense_args(tmp_path, voc, cfg, weights, *extra, backbone=None):
+    return get_args_parser().parse_args(
+        ["--data", str(voc), "--img-size", "128", "--epochs", "1", "--batch-size", "4",
+         "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0", "--no-progress",
+         "--backbone", str(cfg), str(backbone or weights), "--backbone-layer", "4",
+         "--teacher", str(cfg), str(weights), "--cache-views", "1", "--train-from-layer", "3",
+         "--out", str(tmp_path / "run" / "w.safetensors"), *extra]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_with_dense_distillation(tmp_path):
+    cfg, weights = write_tiny_yolo(tmp_path / "teacher")
+    voc = make_dog_voc(tmp_path / "voc")
+    best = main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "2"))
+    _, meta = load_checkpoint(best)
+    assert meta["training"]["distill_dense"] == 2.0
+    with open(output_paths(tmp_path / "run" / "w.safetensors")["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["dense"]) > 0
+
+    # The cached layers must be the teacher's own: another backbone's weights are refused.
+    other = write_tiny_yolo(tmp_path / "other", seed=1)[1]
+    with pytest.raises(ValueError, match="teacher's own"):
+        main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "1", backbone=other))
+    with pytest.raises(ValueError, match="needs --cache-views"):
+        main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "1", "--cache-views", "0"))
