@@ -82,8 +82,14 @@ class ArchConfig:
     # A Darknet cfg ([net] and layers up to a feature map) run before ``layers``: a pretrained
     # backbone, for example a teacher's. None: ``layers`` take the image.
     darknet_cfg: str | None = None
+    # A second Darknet cfg run on the same image beside ``darknet_cfg`` (another pretrained
+    # backbone); its last map, the same size as the first's, is concatenated after the first's
+    # channels. None: one backbone.
+    darknet_side_cfg: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        # The side cfg only when there is one: one-backbone files keep the fields they had.
+        side = {} if self.darknet_side_cfg is None else {"darknet_side_cfg": self.darknet_side_cfg}
         return {
             "name": self.name,
             "layers": _to_json(self.layers),
@@ -94,6 +100,7 @@ class ArchConfig:
             "head_activation": self.head_activation,
             "batchnorm_eps": self.batchnorm_eps,
             "darknet_cfg": self.darknet_cfg,
+            **side,
         }
 
     @classmethod
@@ -116,6 +123,7 @@ class ArchConfig:
             head_activation=str(d.get("head_activation", "leaky")),
             batchnorm_eps=float(d.get("batchnorm_eps", 1e-5)),
             darknet_cfg=d.get("darknet_cfg"),
+            darknet_side_cfg=d.get("darknet_side_cfg"),
         )
         arch.validate()
         return arch
@@ -130,8 +138,11 @@ class ArchConfig:
             )
         if self.head_activation not in ACTIVATIONS:
             raise ValueError(f"unknown head activation {self.head_activation!r}")
-        if self.darknet_cfg is not None and not isinstance(self.darknet_cfg, str):
-            raise ValueError("darknet_cfg must be cfg text")
+        for cfg in (self.darknet_cfg, self.darknet_side_cfg):
+            if cfg is not None and not isinstance(cfg, str):
+                raise ValueError("darknet_cfg and darknet_side_cfg must be cfg text")
+        if self.darknet_side_cfg is not None and self.darknet_cfg is None:
+            raise ValueError("darknet_side_cfg runs beside darknet_cfg, which is not set")
 
 
 # Activations a layer list may name (Darknet's names).

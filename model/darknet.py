@@ -607,6 +607,7 @@ class DarknetNetwork(nn.Module):
             channels.append(c)
             sizes.append((h, w))
         self.out_channels, self.out_size = c, (h, w)
+        self.layer_channels, self.layer_sizes = channels, sizes  # of each layer's output
         kinds = [s.kind for s in layers]
         outs = [i for i, k in enumerate(kinds) if k == "yolo"]
         self.output_layers = outs or [len(layers) - 1]

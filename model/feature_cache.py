@@ -64,6 +64,8 @@ def cache_key(
     the same images reuse the features."""
     digest = hashlib.sha256()
     state = model.stem.net.state_dict()
+    if model.stem.side is not None:  # a one-backbone stem keeps the key it had
+        state |= {f"side.{k}": v for k, v in model.stem.side.state_dict().items()}
     for name in sorted(state):
         digest.update(name.encode())
         digest.update(state[name].detach().cpu().contiguous().numpy().tobytes())
@@ -96,7 +98,7 @@ def compute_features(
     drawn exactly as with features, for labels that changed on cached images. ``mosaic``: the
     views are ``view_datasets``' mosaics.
     """
-    model.stem.net.check_split(layer + 1)
+    model.stem.check_split(layer + 1)
     frozen = fold_batchnorm(model).eval()
     S, C = model.grid_size, model.num_classes
     dataset = ConcatDataset(view_datasets(annotations, model.image_size, views, mosaic))

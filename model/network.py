@@ -100,17 +100,71 @@ def output_size(modules: nn.Sequential, size: int) -> int:
 
 
 class DarknetStem(nn.Module):
-    """A Darknet cfg's layers (a pretrained backbone) as the first part of the network."""
+    """A Darknet cfg's layers (a pretrained backbone) as the first part of the network.
 
-    def __init__(self, cfg_text: str, image_size: int):
+    With ``side_cfg_text`` a second cfg's layers (another pretrained backbone) run on the same
+    image beside them, and the two last maps, the same size, are concatenated along the
+    channels: the first's, then the side's. Its layers' indices are the side cfg's own; a split
+    at layer ``L`` (``features``, ``forward_from``) cuts both cfgs after their layer ``L``.
+    """
+
+    def __init__(self, cfg_text: str, image_size: int, side_cfg_text: str | None = None):
         super().__init__()
-        sections = parse_cfg(cfg_text, "<architecture darknet_cfg>")
-        sections[0].options.update(width=str(image_size), height=str(image_size))
-        self.net = DarknetNetwork(sections)
+        self.net = _sized_network(cfg_text, image_size, "darknet_cfg")
+        self.side = None
         self.out_channels = self.net.out_channels
+        if side_cfg_text is not None:
+            self.side = _sized_network(side_cfg_text, image_size, "darknet_side_cfg")
+            if self.side.out_size != self.net.out_size:
+                raise ValueError(
+                    f"the side backbone's {self.side.out_size} map is not the backbone's "
+                    f"{self.net.out_size} at {image_size} px"
+                )
+            self.out_channels += self.side.out_channels
+
+    @property
+    def nets(self) -> list[DarknetNetwork]:
+        return [self.net] if self.side is None else [self.net, self.side]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[-1]
+        return _concat([net(x)[-1] for net in self.nets])
+
+    def features(self, x: torch.Tensor, upto: int) -> torch.Tensor:
+        """Layer ``upto``'s output (of each cfg, concatenated): what ``forward_from`` takes."""
+        return _concat([net(x, upto=upto)[0] for net in self.nets])
+
+    def split(self, features: torch.Tensor, layer: int) -> list[torch.Tensor]:
+        """``features`` of layer ``layer`` cut back into each cfg's part."""
+        return list(features.split([net.layer_channels[layer] for net in self.nets], dim=1))
+
+    def forward_from(self, features: torch.Tensor, layer: int) -> torch.Tensor:
+        parts = self.split(features, layer)
+        return _concat(
+            [net(part, start=layer + 1)[-1] for net, part in zip(self.nets, parts, strict=True)]
+        )
+
+    def check_split(self, start: int) -> None:
+        """Raise ``ValueError`` unless every cfg can be cut before ``start`` (their layer
+        ``start - 1`` outputs the same size, so the cut's features concatenate)."""
+        for net in self.nets:
+            net.check_split(start)
+        if len({net.layer_sizes[start - 1] for net in self.nets}) > 1:
+            raise ValueError(f"cannot split at layer {start}: the two backbones' layer "
+                             f"{start - 1} outputs differ in size")  # fmt: skip
+
+    def layers_from(self, first: int) -> list[nn.Module]:
+        """Every cfg's layers ``first..``."""
+        return [layer for net in self.nets for layer in net.layers[first:]]
+
+
+def _sized_network(cfg_text: str, image_size: int, field: str) -> DarknetNetwork:
+    sections = parse_cfg(cfg_text, f"<architecture {field}>")
+    sections[0].options.update(width=str(image_size), height=str(image_size))
+    return DarknetNetwork(sections)
+
+
+def _concat(maps: list[torch.Tensor]) -> torch.Tensor:
+    return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
 
 class YOLOv1(nn.Module):
@@ -151,7 +205,7 @@ class YOLOv1(nn.Module):
         channels = 3
         self.stem = None
         if arch.darknet_cfg is not None:
-            self.stem = DarknetStem(arch.darknet_cfg, image_size)
+            self.stem = DarknetStem(arch.darknet_cfg, image_size, arch.darknet_side_cfg)
             channels = self.stem.out_channels
         self.darknet, channels = build_darknet(arch.layers, channels, arch.batchnorm_eps)
         size = self.stem.net.out_size[0] if self.stem is not None else image_size
@@ -193,11 +247,11 @@ class YOLOv1(nn.Module):
     def stem_features(self, images: torch.Tensor, upto: int) -> torch.Tensor:
         """The Darknet stem's layer ``upto`` output: what ``forward_from`` continues from."""
         x = (images - self.pixel_mean) / self.pixel_std
-        return self.stem.net(x, upto=upto)[0]
+        return self.stem.features(x, upto)
 
     def forward_from(self, features: torch.Tensor, layer: int) -> torch.Tensor:
         """``forward`` from the output of stem layer ``layer`` (cached features) onwards."""
-        return self.head(self.stem.net(features, start=layer + 1)[-1])
+        return self.head(self.stem.forward_from(features, layer))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.darknet(x)  # (N, channels, S, S)

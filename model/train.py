@@ -190,6 +190,7 @@ def backbone_arch(
     fine_layer: int | None = None,
     hidden: int = STUDENT_HEAD_HIDDEN,
     filters: int = STUDENT_HEAD_FILTERS,
+    side: Path | None = None,
 ) -> ArchConfig:
     """A YOLOv1 whose backbone is a Darknet cfg's layers ``0..layer`` (a stride-32 feature map).
 
@@ -201,16 +202,23 @@ def backbone_arch(
     the cfg keeps the layers it depends on and drops the rest), brought to the stride-32 map's
     size by a 2 x 2 stride-2 conv and concatenated after ``layer``'s channels: the head sees
     finer detail (YOLOv2's passthrough idea) and the grid stays 7 x 7.
+
+    ``side``: a second cfg whose layers ``0..layer`` run beside the first's on the same image
+    (another pretrained backbone; its map must be the same size), their channels concatenated
+    after the first's (``ArchConfig.darknet_side_cfg``).
     """
     if kernel < 1 or (not valid_head and kernel % 2 == 0):
         raise ValueError(f"head kernel {kernel}: must be >= 1, and odd unless the conv is valid")
     if filters < 1 or hidden < 0:
         raise ValueError(f"head: {filters} conv filters (must be >= 1), hidden {hidden} (>= 0)")
     sections = read_cfg(cfg)
+    backbone = _prefix(sections, layer, cfg)
+    side_cfg = None
+    if side is not None:
+        if fine_layer is not None:
+            raise ValueError("--backbone-side and --backbone-fine-layer cannot be combined")
+        side_cfg = sections_to_text(_prefix(read_cfg(side), layer, side))
     last = len(sections) - 2
-    if not 0 <= layer < last + 1:
-        raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{last}")
-    backbone = sections[: layer + 2]
     if fine_layer is not None:
         if not layer < fine_layer <= last:
             raise ValueError(f"--backbone-fine-layer {fine_layer}: must be in {layer + 1}..{last}")
@@ -228,14 +236,23 @@ def backbone_arch(
             Section.of("route", layers=f"{index[layer]},-1"),
         ]
     pad = 0 if valid_head else kernel // 2
+    name = f"yolov1-{cfg.stem}" + ("-fine" if fine_layer is not None else "")
     return ArchConfig(
-        name=f"yolov1-{cfg.stem}" + ("-fine" if fine_layer is not None else ""),
+        name=name + ("" if side is None else f"+{side.stem}"),
         layers=((kernel, filters, 1, pad),),
         head_hidden=hidden,
         head_dropout=dropout,
         downsample=32,
         darknet_cfg=sections_to_text(backbone),
+        darknet_side_cfg=side_cfg,
     )
+
+
+def _prefix(sections: list[Section], layer: int, cfg: Path) -> list[Section]:
+    last = len(sections) - 2
+    if not 0 <= layer < last + 1:
+        raise ValueError(f"--backbone-layer {layer}: {cfg} has layers 0..{last}")
+    return sections[: layer + 2]
 
 
 def student_layers(sections: list[Section], layer: int, fine: int | None) -> set[int]:
@@ -243,8 +260,18 @@ def student_layers(sections: list[Section], layer: int, fine: int | None) -> set
     return set(range(layer + 1)) | (ancestors(sections, fine) if fine is not None else set())
 
 
-def load_backbone(model: YOLOv1, cfg: Path, weights: Path, layer: int, fine: int | None) -> None:
-    """Fill ``model``'s stem (``backbone_arch``) with the pretrained layers of a Darknet file."""
+def load_backbone(
+    model: YOLOv1,
+    cfg: Path,
+    weights: Path,
+    layer: int,
+    fine: int | None,
+    side: tuple[Path, Path] | None = None,
+) -> None:
+    """Fill ``model``'s stem (``backbone_arch``) with the pretrained layers of a Darknet file,
+    and its side backbone with ``side``'s (CFG, WEIGHTS) layers ``0..layer``."""
+    if side is not None:
+        model.stem.side.load_state_dict(load_darknet(*side, upto=layer).state_dict())
     darknet = load_darknet(cfg, weights, upto=fine if fine is not None else layer)
     keep = sorted(student_layers(darknet.sections, layer, fine))
     index = {old: new for new, old in enumerate(keep)}  # as prune_layers renumbers
@@ -277,6 +304,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "YOLOv1 head (input normalisation: none, as Darknet)",
     )  # fmt: skip
     p.add_argument("--backbone-layer", type=int, help="last backbone layer (Darknet's index)")
+    p.add_argument(
+        "--backbone-side", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"),
+        help="a second pretrained Darknet backbone run beside --backbone on the same image: "
+        "its layers up to --backbone-layer (a map of the same size), whose channels the head "
+        "reads after --backbone's; --train-from-layer and the cache cut both at that index",
+    )  # fmt: skip
     p.add_argument(
         "--backbone-fine-layer", type=int,
         help="also route this later stride-16 layer of the cfg (with the layers it needs) into "
@@ -417,11 +450,13 @@ def setup_distributed(device_name: str) -> tuple[torch.device, int, int]:
 
 
 def check_view_options(args: argparse.Namespace) -> None:
-    """The view options that contradict each other: refused before any labelling starts."""
+    """The options that contradict each other: refused before any labelling starts."""
     if args.cache_views < 0 or args.cache_mosaic_views < 0:
         raise ValueError("--cache-views and --cache-mosaic-views count views: they must be >= 0")
     if args.cache_mosaic_views and not args.cache_views:
         raise ValueError("--cache-mosaic-views adds to --cache-views: give both")
+    if args.backbone_side and not args.backbone:
+        raise ValueError("--backbone-side runs beside a --backbone: give both")
     if args.cache_views and args.mosaic:
         raise ValueError(
             "--mosaic applies to live images; with --cache-views, use --cache-mosaic-views"
@@ -550,13 +585,15 @@ class Trainer:
             if a.backbone_layer is None:
                 raise ValueError("--backbone needs --backbone-layer")
             cfg, weights, layer, fine = *a.backbone, a.backbone_layer, a.backbone_fine_layer
+            side = a.backbone_side
             arch = backbone_arch(
                 cfg, layer, dropout=a.head_dropout, valid_head=a.valid_head_conv,
                 kernel=a.head_kernel, fine_layer=fine, hidden=a.head_hidden, filters=a.head_filters,
+                side=None if side is None else side[0],
             )  # fmt: skip
             model = YOLOv1(arch, *S_args, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-            load_backbone(model, cfg, weights, layer, fine)
-            logger.info("backbone: %s layers 0..%d (fine: %s)", cfg, layer, fine)
+            load_backbone(model, cfg, weights, layer, fine, side)
+            logger.info("backbone: %s layers 0..%d (fine: %s, side: %s)", cfg, layer, fine, side)
             return model
         if a.arch:
             return build_model(a.arch, *S_args)
@@ -631,9 +668,10 @@ class Trainer:
         if self.world > 1:
             raise ValueError("--cache-views trains on one process only")
         self.cached_from = a.train_from_layer - 1
-        for i, layer in enumerate(self.model.stem.net.layers):
-            for p in layer.parameters():
-                p.requires_grad_(i > self.cached_from)
+        for net in self.model.stem.nets:
+            for i, layer in enumerate(net.layers):
+                for p in layer.parameters():
+                    p.requires_grad_(i > self.cached_from)
         start = time.perf_counter()
         kwargs = {"batch_size": 32, "workers": a.workers, "progress": not a.no_progress}
         cache = a.out.parent / "features"
@@ -672,7 +710,7 @@ class Trainer:
         if stem is None:
             return
         first = 0 if self.cached_from is None else self.cached_from + 1
-        for layer in stem.net.layers[first:]:
+        for layer in stem.layers_from(first):
             for p in layer.parameters():
                 p.requires_grad_(not frozen)
         if frozen:
@@ -784,7 +822,9 @@ class Trainer:
                     pred = self.model.forward_from(images.float(), self.cached_from)
             terms = self.criterion.terms(pred.float(), targets)
             if self.dense_teacher is not None:
-                q, w = self.dense_teacher(images.float())
+                # the first backbone's part of the features: the teacher's own layers
+                own = self.model.stem.split(images.float(), self.cached_from)[0]
+                q, w = self.dense_teacher(own)
                 dense = self.criterion.dense_term(pred, targets, q, w)
                 terms["dense"] = self.args.distill_dense * dense
             loss = sum(terms.values())
