@@ -153,13 +153,16 @@ scale_x_y=1.05
 """
 
 
-def write_tiny_yolo(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """The cfg and random weights in Darknet's layout."""
+def write_tiny_yolo(
+    folder: Path, seed: int = 0, filters: int = 16, name: str = "tiny"
+) -> tuple[Path, Path]:
+    """The cfg (``filters`` in its stride-32 conv, layer 4) and random weights in Darknet's
+    layout, as ``folder/<name>.cfg`` and ``.weights``."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / "tiny.cfg"
-    cfg.write_text(TINY_YOLO)
-    convs = [(3, 8, 3, True), (8, 8, 3, True), (8, 16, 3, True), (16, 75, 1, False)]
-    return cfg, write_darknet_weights(folder / "tiny.weights", convs, seed)
+    cfg = folder / f"{name}.cfg"
+    cfg.write_text(TINY_YOLO.replace("filters=16", f"filters={filters}"))
+    convs = [(3, 8, 3, True), (8, 8, 3, True), (8, filters, 3, True), (filters, 75, 1, False)]
+    return cfg, write_darknet_weights(folder / f"{name}.weights", convs, seed)
 
 
 def make_dog_voc(root: Path, images: int = 4) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from builders import TINY_YOLO, make_dog_voc, write_darknet_weights, write_tiny_yolo
+from builders import TINY_YOLO, make_dog_voc, write_tiny_yolo
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import VOC_CLASSES, ArchConfig
@@ -23,17 +23,11 @@ from model.feature_cache import cache_key
 from model.network import YOLOv1
 from model.train import backbone_arch, cli, get_args_parser, load_backbone, main
 
-# The tiny detector with 12 filters instead of 16 in its stride-32 conv (layer 4): a side
-# backbone whose map is the first's size with other channels.
-NARROW = TINY_YOLO.replace("filters=16", "filters=12")
-
 
 def write_narrow(folder: Path, seed: int = 5) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / "narrow.cfg"
-    cfg.write_text(NARROW)
-    convs = [(3, 8, 3, True), (8, 8, 3, True), (8, 12, 3, True), (12, 75, 1, False)]
-    return cfg, write_darknet_weights(folder / "narrow.weights", convs, seed)
+    """The tiny detector with 12 filters instead of 16 in its stride-32 conv: a side backbone
+    whose map is the first's size with other channels."""
+    return write_tiny_yolo(folder, seed, filters=12, name="narrow")
 
 
 def two_stem_student(tmp_path: Path) -> tuple[YOLOv1, tuple[Path, Path], tuple[Path, Path]]:
