@@ -83,8 +83,14 @@ class DenseTeacher:
     """
 
     def __init__(
-        self, network: DarknetNetwork, start: int, teacher_to_student: Sequence[int], S: int
+        self,
+        network: DarknetNetwork,
+        start: int,
+        teacher_to_student: Sequence[int],
+        S: int,
+        name: str = "",
     ):
+        self.name = name  # for logs and the checkpoint's metadata: the teacher's cfg
         self.network = network.eval()
         self.start = start
         self.output = reachable_output(network, start)

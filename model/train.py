@@ -511,7 +511,8 @@ class Trainer:
         self.criterion = YOLOv1Loss(S, B, C)
         generator = torch.Generator().manual_seed(args.seed)
         self.cached_from = None
-        self.dense_teacher: DenseTeacher | None = None
+        # --distill-dense: one per stem backbone (None where no teacher has its layers)
+        self.dense_teachers: list[DenseTeacher | None] = []
         if args.distill_dense < 0:
             raise ValueError(f"--distill-dense must be >= 0, got {args.distill_dense}")
         if args.distill_dense and not (args.cache_views and args.teacher):
@@ -686,24 +687,40 @@ class Trainer:
             features, targets = torch.cat([features, mosaics[0]]), torch.cat([targets, mosaics[1]])
         logger.info("features ready in %.1f s", time.perf_counter() - start)
         if a.distill_dense:
-            self.dense_teacher = self.build_dense_teacher()
+            self.dense_teachers = self.build_dense_teachers()
         return TensorDataset(features, targets)
 
-    def build_dense_teacher(self) -> DenseTeacher:
-        """--distill-dense: the first Darknet teacher's output that runs on the cached layer."""
+    def build_dense_teachers(self) -> list[DenseTeacher | None]:
+        """--distill-dense: the first Darknet teacher's output that runs on the cached layer;
+        with --backbone-side, also that of a Darknet teacher whose layers the side's are (None
+        when none is)."""
         members = getattr(self.teacher, "members", [self.teacher])
-        darknet = next((m for m in members if getattr(m, "network", None) is not None), None)
-        if darknet is None:
+        darknets = [m for m in members if getattr(m, "network", None) is not None]
+        if not darknets:
             raise ValueError("--distill-dense needs a Darknet --teacher (CFG WEIGHTS)")
-        network = darknet.network.to(self.device)
-        if not same_prefix(self.model.stem.net, network, self.cached_from):
+        stem, first = self.model.stem, darknets[0]
+        if not same_prefix(stem.net, first.network, self.cached_from):
             raise ValueError(
                 f"--distill-dense needs cached layers 0..{self.cached_from} that are the "
-                f"teacher's own ({darknet.cfg.name}): a --backbone from its cfg and weights, "
+                f"teacher's own ({first.cfg.name}): a --backbone from its cfg and weights, "
                 "and no --init that changed those layers"
             )
+        teachers = [self.dense_teacher(first)]
+        if stem.side is not None:
+            own = [t for t in darknets if same_prefix(stem.side, t.network, self.cached_from)]
+            teachers.append(self.dense_teacher(own[0]) if own else None)
+        logger.info("dense distillation from %s", self.dense_names(teachers))
+        return teachers
+
+    @staticmethod
+    def dense_names(teachers: list[DenseTeacher | None]) -> list[str | None]:
+        return [None if t is None else t.name for t in teachers]
+
+    def dense_teacher(self, darknet) -> DenseTeacher:
         mapping = class_mapping(darknet.class_names, self.class_names)
-        return DenseTeacher(network, self.cached_from + 1, mapping, self.model.grid_size)
+        network = darknet.network.to(self.device)
+        S = self.model.grid_size
+        return DenseTeacher(network, self.cached_from + 1, mapping, S, darknet.cfg.name)
 
     def set_backbone_frozen(self, frozen: bool) -> None:
         stem = self.model.stem
@@ -742,6 +759,7 @@ class Trainer:
                 "cache_mosaic_views": a.cache_mosaic_views,
                 "shared_cell_epochs": a.shared_cell_epochs,
                 "distill_dense": a.distill_dense,
+                "distill_dense_teachers": self.dense_names(self.dense_teachers),
                 "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
@@ -821,12 +839,14 @@ class Trainer:
                 else:  # images are the stem's cached features (float16 on disk)
                     pred = self.model.forward_from(images.float(), self.cached_from)
             terms = self.criterion.terms(pred.float(), targets)
-            if self.dense_teacher is not None:
-                # the first backbone's part of the features: the teacher's own layers
-                own = self.model.stem.split(images.float(), self.cached_from)[0]
-                q, w = self.dense_teacher(own)
-                dense = self.criterion.dense_term(pred, targets, q, w)
-                terms["dense"] = self.args.distill_dense * dense
+            if self.dense_teachers:  # each on its backbone's part of the features; their mean
+                parts = self.model.stem.split(images.float(), self.cached_from)
+                dense = [
+                    self.criterion.dense_term(pred, targets, *teacher(part))
+                    for teacher, part in zip(self.dense_teachers, parts, strict=True)
+                    if teacher is not None
+                ]
+                terms["dense"] = self.args.distill_dense * sum(dense) / len(dense)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -863,7 +883,7 @@ class Trainer:
     def run(self) -> Path:
         args = self.args
         fields = ["epoch", "lr", "coord", "object", "noobj", "class", "val_map50", "seconds"]
-        fields += ["dense"] if self.dense_teacher is not None else []
+        fields += ["dense"] if self.dense_teachers else []
         log_path = self.paths["csv"]
         if self.main_process:
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -125,8 +125,12 @@ def test_the_feature_cache_key_follows_the_side_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_two_backbones_with_dense_distillation_and_reload(tmp_path):
+@pytest.mark.parametrize("side_teacher", [False, True])
+def test_train_on_two_backbones_with_dense_distillation_and_reload(tmp_path, side_teacher):
+    """The first --teacher's head gives the first backbone's dense target; a teacher whose
+    layers the side's are gives the side's, and the term is their mean."""
     first, side = write_tiny_yolo(tmp_path / "first"), write_narrow(tmp_path / "side")
+    extra = ["--teacher", *map(str, side)] if side_teacher else []
     voc = make_dog_voc(tmp_path / "voc")
     out = tmp_path / "run" / "w.safetensors"
     args = get_args_parser().parse_args(
@@ -135,11 +139,13 @@ def test_train_on_two_backbones_with_dense_distillation_and_reload(tmp_path):
          "--backbone", *map(str, first), "--backbone-layer", "4",
          "--backbone-side", *map(str, side), "--teacher", *map(str, first),
          "--cache-views", "2", "--train-from-layer", "3", "--distill-dense", "1",
-         "--out", str(out)]
+         "--out", str(out), *extra]
     )  # fmt: skip
     model, meta = load_checkpoint(main(args))
     assert meta["architecture"]["darknet_side_cfg"].startswith("[net]")
     assert meta["training"]["distill_dense"] == 1.0
+    names = ["tiny.cfg", "narrow.cfg" if side_teacher else None]
+    assert meta["training"]["distill_dense_teachers"] == names
     # The cached (frozen) layers 0..2 of each backbone are still the pretrained ones.
     a, b = load_darknet(*first), load_darknet(*side)
     for k in (0, 2):
