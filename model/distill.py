@@ -39,7 +39,10 @@ def reachable_output(network: DarknetNetwork, start: int) -> int:
 
 
 def same_prefix(student: DarknetNetwork, teacher: DarknetNetwork, upto: int) -> bool:
-    """Whether layers ``0..upto`` of the two networks hold the same tensors."""
+    """Whether layers ``0..upto`` of the two networks hold the same tensors (False when
+    either has fewer layers)."""
+    if min(len(student.layers), len(teacher.layers)) <= upto:
+        return False
     for a, b in zip(student.layers[: upto + 1], teacher.layers[: upto + 1], strict=True):
         sa, sb = a.state_dict(), b.state_dict()
         if sa.keys() != sb.keys():

@@ -837,10 +837,11 @@ class Trainer:
                 if self.cached_from is None:
                     pred = net(images)
                 else:  # images are the stem's cached features (float16 on disk)
-                    pred = self.model.forward_from(images.float(), self.cached_from)
+                    features = images.float()
+                    pred = self.model.forward_from(features, self.cached_from)
             terms = self.criterion.terms(pred.float(), targets)
             if self.dense_teachers:  # each on its backbone's part of the features; their mean
-                parts = self.model.stem.split(images.float(), self.cached_from)
+                parts = self.model.stem.split(features, self.cached_from)
                 dense = [
                     self.criterion.dense_term(pred, targets, *teacher(part))
                     for teacher, part in zip(self.dense_teachers, parts, strict=True)

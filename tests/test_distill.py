@@ -73,6 +73,11 @@ def test_reachable_output_and_same_prefix(tmp_path):
     other = load_darknet(cfg, write_tiny_yolo(tmp_path / "other", seed=1)[1])
     assert same_prefix(network, load_darknet(cfg, weights), 4)
     assert not same_prefix(network, other, 0)
+    # A network with fewer layers than the cut (the first three of the same weights) is not
+    # that prefix, whichever side it is on.
+    short = load_darknet(cfg, weights, upto=2)
+    assert same_prefix(network, short, 2)
+    assert not same_prefix(network, short, 4) and not same_prefix(short, network, 4)
 
 
 @pytest.mark.shared
