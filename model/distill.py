@@ -113,3 +113,14 @@ class DenseTeacher:
         centres = (boxes[..., :2] + boxes[..., 2:]) / 2  # the box sizes are not used
         probs = class_probs.index_select(-1, self.index.to(class_probs.device))
         return cell_class_targets(centres, objectness, probs, self.S)
+
+
+def mix_dense(terms: Sequence[torch.Tensor | None], side_share: float) -> torch.Tensor:
+    """The dense term of a student on one backbone (``terms = [first]``) or two (``[first,
+    side]``, ``side`` None where no teacher has the side's layers): the side's term weighs
+    ``side_share``, the first's the rest; a missing term leaves the other whole."""
+    present = [t for t in terms if t is not None]
+    if len(present) < len(terms) or len(terms) == 1:
+        return present[0]
+    first, side = terms
+    return (1.0 - side_share) * first + side_share * side

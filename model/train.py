@@ -51,7 +51,7 @@ from model.data import (
     read_datasets,
     target_grid,
 )
-from model.distill import DenseTeacher, same_prefix
+from model.distill import DenseTeacher, mix_dense, same_prefix
 from model.evaluate import predict, resolve_device, score
 from model.feature_cache import load_or_compute
 from model.loss import YOLOv1Loss
@@ -379,6 +379,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "teacher's output run on the cached features (model.distill; 0: off)",
     )  # fmt: skip
     p.add_argument(
+        "--distill-dense-side", type=float, default=None, metavar="F",
+        help="with --backbone-side and --distill-dense: the share of the side backbone's "
+        "teacher in the dense term, the first's the rest (default 0.5: their mean)",
+    )  # fmt: skip
+    p.add_argument(
         "--cache-views", type=int, default=0,
         help="train on cached --backbone features of this many views per image (plain, "
         "mirrored, augmented); needs --train-from-layer",
@@ -457,6 +462,13 @@ def check_view_options(args: argparse.Namespace) -> None:
         raise ValueError("--cache-mosaic-views adds to --cache-views: give both")
     if args.backbone_side and not args.backbone:
         raise ValueError("--backbone-side runs beside a --backbone: give both")
+    if args.distill_dense_side is not None:
+        if not (args.distill_dense and args.backbone_side):
+            raise ValueError("--distill-dense-side needs --distill-dense and --backbone-side")
+        if not 0.0 <= args.distill_dense_side <= 1.0:
+            raise ValueError(
+                f"--distill-dense-side is a share in [0, 1], got {args.distill_dense_side}"
+            )
     if args.cache_views and args.mosaic:
         raise ValueError(
             "--mosaic applies to live images; with --cache-views, use --cache-mosaic-views"
@@ -513,6 +525,7 @@ class Trainer:
         self.cached_from = None
         # --distill-dense: one per stem backbone (None where no teacher has its layers)
         self.dense_teachers: list[DenseTeacher | None] = []
+        self.dense_side = 0.5 if args.distill_dense_side is None else args.distill_dense_side
         if args.distill_dense < 0:
             raise ValueError(f"--distill-dense must be >= 0, got {args.distill_dense}")
         if args.distill_dense and not (args.cache_views and args.teacher):
@@ -712,6 +725,11 @@ class Trainer:
         logger.info("dense distillation from %s", self.dense_names(teachers))
         return teachers
 
+    @property
+    def dense_mixed(self) -> bool:
+        """Whether the dense term mixes two teachers (--distill-dense-side applies)."""
+        return len(self.dense_teachers) == 2 and self.dense_teachers[1] is not None
+
     @staticmethod
     def dense_names(teachers: list[DenseTeacher | None]) -> list[str | None]:
         return [None if t is None else t.name for t in teachers]
@@ -760,6 +778,7 @@ class Trainer:
                 "shared_cell_epochs": a.shared_cell_epochs,
                 "distill_dense": a.distill_dense,
                 "distill_dense_teachers": self.dense_names(self.dense_teachers),
+                "distill_dense_side": self.dense_side if self.dense_mixed else None,
                 "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
@@ -840,14 +859,14 @@ class Trainer:
                     features = images.float()
                     pred = self.model.forward_from(features, self.cached_from)
             terms = self.criterion.terms(pred.float(), targets)
-            if self.dense_teachers:  # each on its backbone's part of the features; their mean
+            if self.dense_teachers:  # each on its backbone's part of the features, mixed
                 parts = self.model.stem.split(features, self.cached_from)
                 dense = [
-                    self.criterion.dense_term(pred, targets, *teacher(part))
+                    None if teacher is None
+                    else self.criterion.dense_term(pred, targets, *teacher(part))
                     for teacher, part in zip(self.dense_teachers, parts, strict=True)
-                    if teacher is not None
-                ]
-                terms["dense"] = self.args.distill_dense * sum(dense) / len(dense)
+                ]  # fmt: skip
+                terms["dense"] = self.args.distill_dense * mix_dense(dense, self.dense_side)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise TrainingError(

@@ -11,7 +11,13 @@ from builders import SHARED, make_dog_voc, write_tiny_yolo
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
 from model.darknet import decode_yolo, load_darknet
-from model.distill import DenseTeacher, cell_class_targets, reachable_output, same_prefix
+from model.distill import (
+    DenseTeacher,
+    cell_class_targets,
+    mix_dense,
+    reachable_output,
+    same_prefix,
+)
 from model.loss import YOLOv1Loss
 from model.train import get_args_parser, main, output_paths
 
@@ -102,6 +108,15 @@ def test_dense_term_by_hand():
     w = torch.full((2, 1, 1), 0.5)
     # (0.5 * (0.5 - 1)^2 + 0) / N = 0.125 / 2
     assert loss.dense_term(pred, target, q, w).item() == pytest.approx(0.0625)
+
+
+def test_mix_dense_by_hand():
+    first, side = torch.tensor(2.0), torch.tensor(4.0)
+    assert mix_dense([first], 0.7).item() == 2.0  # one backbone: its term whole
+    assert mix_dense([first, None], 0.7).item() == 2.0  # no teacher for the side's layers
+    assert mix_dense([first, side], 0.7).item() == pytest.approx(0.3 * 2 + 0.7 * 4)
+    assert mix_dense([first, side], 0.5).item() == pytest.approx(3.0)  # the default: the mean
+    assert mix_dense([first, side], 0.0).item() == 2.0
 
 
 def dense_args(tmp_path, voc, cfg, weights, *extra, backbone=None):

@@ -128,9 +128,9 @@ def test_the_feature_cache_key_follows_the_side_weights(tmp_path):
 @pytest.mark.parametrize("side_teacher", [False, True])
 def test_train_on_two_backbones_with_dense_distillation_and_reload(tmp_path, side_teacher):
     """The first --teacher's head gives the first backbone's dense target; a teacher whose
-    layers the side's are gives the side's, and the term is their mean."""
+    layers the side's are gives the side's, mixed by --distill-dense-side."""
     first, side = write_tiny_yolo(tmp_path / "first"), write_narrow(tmp_path / "side")
-    extra = ["--teacher", *map(str, side)] if side_teacher else []
+    extra = ["--teacher", *map(str, side), "--distill-dense-side", "0.7"] if side_teacher else []
     voc = make_dog_voc(tmp_path / "voc")
     out = tmp_path / "run" / "w.safetensors"
     args = get_args_parser().parse_args(
@@ -146,6 +146,7 @@ def test_train_on_two_backbones_with_dense_distillation_and_reload(tmp_path, sid
     assert meta["training"]["distill_dense"] == 1.0
     names = ["tiny.cfg", "narrow.cfg" if side_teacher else None]
     assert meta["training"]["distill_dense_teachers"] == names
+    assert meta["training"]["distill_dense_side"] == (0.7 if side_teacher else None)
     # The cached (frozen) layers 0..2 of each backbone are still the pretrained ones.
     a, b = load_darknet(*first), load_darknet(*side)
     for k in (0, 2):
@@ -165,3 +166,24 @@ def test_a_side_backbone_without_a_backbone_is_a_clear_cli_error(tmp_path, capsy
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "--backbone-side runs beside a --backbone" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--distill-dense-side", "1.5"], "is a share in [0, 1], got 1.5"),
+        (["--distill-dense-side", "0.7", "--distill-dense", "0"], "needs --distill-dense"),
+    ],
+)
+def test_a_bad_dense_side_share_is_a_clear_cli_error(tmp_path, capsys, extra, message):
+    first, side = write_tiny_yolo(tmp_path / "first"), write_narrow(tmp_path / "side")
+    voc = make_dog_voc(tmp_path / "voc")
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--data", str(voc), "--backbone", *map(str, first), "--backbone-layer", "4",
+             "--backbone-side", *map(str, side), "--teacher", *map(str, first),
+             "--cache-views", "1", "--train-from-layer", "3", "--distill-dense", "1",
+             *extra, "--out", str(tmp_path / "w.safetensors")])  # fmt: skip
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "w.safetensors").exists()
