@@ -119,8 +119,7 @@ def mix_dense(terms: Sequence[torch.Tensor | None], side_share: float) -> torch.
     """The dense term of a student on one backbone (``terms = [first]``) or two (``[first,
     side]``, ``side`` None where no teacher has the side's layers): the side's term weighs
     ``side_share``, the first's the rest; a missing term leaves the other whole."""
-    present = [t for t in terms if t is not None]
-    if len(present) < len(terms) or len(terms) == 1:
-        return present[0]
-    first, side = terms
-    return (1.0 - side_share) * first + side_share * side
+    first, *side = terms
+    if not side or side[0] is None:
+        return first
+    return torch.lerp(first, side[0], side_share)
