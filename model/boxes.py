@@ -71,6 +71,34 @@ def encode_targets(
     return target
 
 
+def box_cells(boxes: torch.Tensor, labels: torch.Tensor, S: int) -> torch.Tensor:
+    """Which box's class each cell of an S x S grid lies in.
+
+    Args:
+        boxes: (K, 4) xyxy normalised to [0, 1]; labels: (K,) int class indices.
+
+    Returns:
+        (S, S) long, row ``i`` (y) then column ``j`` (x): the label of the smallest box whose
+        area holds the cell's centre, -1 in cells whose centre no box holds.
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"boxes must be (K, 4) and labels (K,), got {tuple(boxes.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    cells = torch.full((S, S), -1, dtype=torch.long)
+    centres = (torch.arange(S, dtype=torch.float32) + 0.5) / S
+    boxes = boxes.float()
+    area = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(-1)
+    # Largest first, so that a smaller box written later wins the cells it shares.
+    for k in torch.argsort(area, descending=True, stable=True).tolist():
+        x1, y1, x2, y2 = boxes[k].tolist()
+        cols = (centres >= x1) & (centres <= x2)
+        rows = (centres >= y1) & (centres <= y2)
+        cells[rows[:, None] & cols[None, :]] = int(labels[k])
+    return cells
+
+
 def cell_xywh_to_xyxy(xywh: torch.Tensor, S: int) -> torch.Tensor:
     """Map per-cell boxes to image boxes.
 

@@ -29,7 +29,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from model.boxes import encode_targets, hard_targets
+from model.boxes import box_cells, encode_targets, hard_targets
 from model.config import VOC_CLASSES
 from model.files import IMAGE_EXTENSIONS, voc_split_file, voc_split_ids
 
@@ -643,3 +643,10 @@ def target_grid(target: dict[str, Any], S: int, C: int) -> torch.Tensor:
     keep = ~target["difficult"]
     soft = [target[k][keep] for k in ("class_probs", "objectness") if k in target]
     return encode_targets(target["boxes"][keep], target["labels"][keep], S, C, *soft)
+
+
+def label_cells(target: dict[str, Any], S: int) -> torch.Tensor:
+    """One sample's (S, S) map of the box class each cell lies in (``model.boxes.box_cells``),
+    -1 outside every box; difficult objects are left out, as in ``target_grid``."""
+    keep = ~target["difficult"]
+    return box_cells(target["boxes"][keep], target["labels"][keep], S)

@@ -123,3 +123,16 @@ def mix_dense(terms: Sequence[torch.Tensor | None], side_share: float) -> torch.
     if not side or side[0] is None:
         return first
     return torch.lerp(first, side[0], side_share)
+
+
+def boxed_targets(
+    q: torch.Tensor, w: torch.Tensor, cells: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense targets ``q`` (N, S, S, C) and weights ``w`` (N, S, S), with the cells that
+    lie in a target box (``cells`` (N, S, S) >= 0: ``model.data.label_cells``) set to that
+    box's class, one-hot, at weight 1. ``cells`` None: unchanged."""
+    if cells is None:
+        return q, w
+    inside = cells >= 0
+    one_hot = torch.nn.functional.one_hot(cells.clamp(min=0), q.shape[-1]).to(q)
+    return torch.where(inside[..., None], one_hot, q), torch.where(inside, torch.ones_like(w), w)

@@ -7,9 +7,9 @@ and V - 2 views through the training augmentation (scale, translation, colour, f
 ``--cache-mosaic-views M``, M more views an image, each a 2x2 mosaic of it and three random
 images through the same augmentation (a second cache file: the first V views are reused).
 Each view's boxes move with its pixels, through the same torchvision pipeline as annotated
-boxes, and are encoded as the view's target grid. Training then runs the remaining stem
-layers and the head on these features. The cache is a safetensors file keyed by everything
-that changes it.
+boxes, and are encoded as the view's target grid and its map of the box class each cell lies
+in. Training then runs the remaining stem layers and the head on these features. The cache is
+a safetensors file keyed by everything that changes it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,10 +27,27 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from model.data import Annotation, DetectionDataset, Sample, detection_collate, target_grid
+from model.data import (
+    Annotation,
+    DetectionDataset,
+    Sample,
+    detection_collate,
+    label_cells,
+    target_grid,
+)
 from model.network import YOLOv1, fold_batchnorm
 
 logger = logging.getLogger(__name__)
+
+
+class Views(NamedTuple):
+    """The cached views of a training set: ``features`` (V*N, c, h, w) float16 of the stem's
+    layer, ``targets`` (V*N, S, S, C + 5) and ``cells`` (V*N, S, S), each cell's box class
+    (``model.data.label_cells``, -1 outside every box)."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    cells: torch.Tensor
 
 
 def view_datasets(
@@ -91,8 +109,8 @@ def compute_features(
     progress: bool = True,
     targets_only: bool = False,
     mosaic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (V*N, c, h, w) float16 of stem layer ``layer`` and targets (V*N, S, S, C+5).
+) -> Views:
+    """The features of stem layer ``layer`` on every view, and the views' targets and cells.
 
     ``targets_only``: the same views' targets and no features (an empty tensor): the views are
     drawn exactly as with features, for labels that changed on cached images. ``mosaic``: the
@@ -107,13 +125,15 @@ def compute_features(
         dataset, batch_size, num_workers=workers, collate_fn=detection_collate,
         generator=generator, worker_init_fn=_seed_worker,
     )  # fmt: skip
-    features, targets = [], []
+    features, targets, cells = [], [], []
     with torch.random.fork_rng():  # workers=0 draws from this process's generator: seed it
         torch.manual_seed(seed)
         for feats, batch in _views(loader, frozen, layer, targets_only, progress):
             features += feats
             targets += [target_grid(t, S, C) for t in batch]  # as in training
-    return (torch.cat(features) if features else torch.empty(0)), torch.stack(targets)
+            cells += [label_cells(t, S) for t in batch]
+    features = torch.cat(features) if features else torch.empty(0)
+    return Views(features, torch.stack(targets), torch.stack(cells))
 
 
 def _views(loader, frozen: YOLOv1, layer: int, targets_only: bool, progress: bool):
@@ -133,23 +153,25 @@ def load_or_compute(
     views: int,
     seed: int,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Views:
     """``compute_features``, cached in ``path_dir/features-<key16>.safetensors``."""
     key = cache_key(model, annotations, layer, views, seed, **kwargs)
     path = Path(path_dir) / f"features-{key[:16]}.safetensors"
     if path.is_file():
         features = load_file(str(path))["features"]
         logger.info("features: reusing %s; drawing the views' targets", path)
-        _, targets = compute_features(
+        replayed = compute_features(
             model, annotations, layer, views, seed, targets_only=True, **kwargs
         )
-        if len(targets) != len(features):
-            raise RuntimeError(f"{path}: {len(features)} features for {len(targets)} targets")
-        return features, targets
-    features, targets = compute_features(model, annotations, layer, views, seed, **kwargs)
+        if len(replayed.targets) != len(features):
+            raise RuntimeError(
+                f"{path}: {len(features)} features for {len(replayed.targets)} targets"
+            )
+        return replayed._replace(features=features)
+    drawn = compute_features(model, annotations, layer, views, seed, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"features": features}, str(tmp))
+    save_file({"features": drawn.features}, str(tmp))
     tmp.replace(path)
-    logger.info("features: %d views of layer %d cached in %s", len(targets), layer, path)
-    return features, targets
+    logger.info("features: %d views of layer %d cached in %s", len(drawn.targets), layer, path)
+    return drawn

@@ -51,9 +51,9 @@ from model.data import (
     read_datasets,
     target_grid,
 )
-from model.distill import DenseTeacher, mix_dense, same_prefix
+from model.distill import DenseTeacher, boxed_targets, mix_dense, same_prefix
 from model.evaluate import predict, resolve_device, score
-from model.feature_cache import load_or_compute
+from model.feature_cache import Views, load_or_compute
 from model.loss import YOLOv1Loss
 from model.metadata import read_metadata
 from model.network import YOLOv1, build_model, cell_output_layer, share_cells
@@ -384,6 +384,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "teacher in the dense term, the first's the rest (default 0.5: their mean)",
     )  # fmt: skip
     p.add_argument(
+        "--distill-dense-boxes", action="store_true",
+        help="with --distill-dense: in a cell whose centre lies in a target box (annotated, or "
+        "the teachers' on unlabelled images), the dense term's target is that box's class at "
+        "full weight, not the teacher head's class scores",
+    )  # fmt: skip
+    p.add_argument(
         "--cache-views", type=int, default=0,
         help="train on cached --backbone features of this many views per image (plain, "
         "mirrored, augmented); needs --train-from-layer",
@@ -462,6 +468,8 @@ def check_view_options(args: argparse.Namespace) -> None:
         raise ValueError("--cache-mosaic-views adds to --cache-views: give both")
     if args.backbone_side and not args.backbone:
         raise ValueError("--backbone-side runs beside a --backbone: give both")
+    if args.distill_dense_boxes and not args.distill_dense:
+        raise ValueError("--distill-dense-boxes needs --distill-dense")
     if args.distill_dense_side is not None:
         if not (args.distill_dense and args.backbone_side):
             raise ValueError("--distill-dense-side needs --distill-dense and --backbone-side")
@@ -689,7 +697,7 @@ class Trainer:
         start = time.perf_counter()
         kwargs = {"batch_size": 32, "workers": a.workers, "progress": not a.no_progress}
         cache = a.out.parent / "features"
-        features, targets = load_or_compute(
+        views = load_or_compute(
             cache, self.model, train_ann, self.cached_from, a.cache_views, a.seed, **kwargs
         )
         if a.cache_mosaic_views:
@@ -697,11 +705,13 @@ class Trainer:
                 cache, self.model, train_ann, self.cached_from, a.cache_mosaic_views, a.seed,
                 mosaic=True, **kwargs,
             )  # fmt: skip
-            features, targets = torch.cat([features, mosaics[0]]), torch.cat([targets, mosaics[1]])
+            views = Views(*(torch.cat(pair) for pair in zip(views, mosaics, strict=True)))
         logger.info("features ready in %.1f s", time.perf_counter() - start)
         if a.distill_dense:
             self.dense_teachers = self.build_dense_teachers()
-        return TensorDataset(features, targets)
+        if a.distill_dense_boxes:  # each batch also carries its cells' box classes
+            return TensorDataset(*views)
+        return TensorDataset(views.features, views.targets)
 
     def build_dense_teachers(self) -> list[DenseTeacher | None]:
         """--distill-dense: the first Darknet teacher's output that runs on the cached layer;
@@ -779,6 +789,7 @@ class Trainer:
                 "distill_dense": a.distill_dense,
                 "distill_dense_teachers": self.dense_names(self.dense_teachers),
                 "distill_dense_side": self.dense_side if self.dense_mixed else None,
+                "distill_dense_boxes": a.distill_dense_boxes,
                 "train_from_layer": a.train_from_layer,
                 "images_per_second": round(self.images_seen / max(self.train_seconds, 1e-9), 2),
                 "val_map50_11point": None if val is None else val["map50_11point"],
@@ -847,7 +858,7 @@ class Trainer:
         )
         start = time.perf_counter()
         batches = 0
-        for images, targets in bar:
+        for images, targets, *cells in bar:  # cells: --distill-dense-boxes
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             with torch.autocast(
@@ -861,9 +872,12 @@ class Trainer:
             terms = self.criterion.terms(pred.float(), targets)
             if self.dense_teachers:  # each on its backbone's part of the features, mixed
                 parts = self.model.stem.split(features, self.cached_from)
+                boxed = cells[0].to(self.device) if cells else None
                 dense = [
                     None if teacher is None
-                    else self.criterion.dense_term(pred, targets, *teacher(part))
+                    else self.criterion.dense_term(
+                        pred, targets, *boxed_targets(*teacher(part), boxed)
+                    )
                     for teacher, part in zip(self.dense_teachers, parts, strict=True)
                 ]  # fmt: skip
                 terms["dense"] = self.args.distill_dense * mix_dense(dense, self.dense_side)

@@ -8,18 +8,20 @@ import pytest
 import torch
 from builders import SHARED, make_dog_voc, write_tiny_yolo
 
+from model.boxes import box_cells
 from model.checkpoint import load_checkpoint
 from model.config import VOC_CLASSES
 from model.darknet import decode_yolo, load_darknet
 from model.distill import (
     DenseTeacher,
+    boxed_targets,
     cell_class_targets,
     mix_dense,
     reachable_output,
     same_prefix,
 )
 from model.loss import YOLOv1Loss
-from model.train import get_args_parser, main, output_paths
+from model.train import cli, get_args_parser, main, output_paths
 
 
 def test_cell_targets_by_hand():
@@ -119,6 +121,34 @@ def test_mix_dense_by_hand():
     assert mix_dense([first, side], 0.0).item() == 2.0
 
 
+def test_box_cells_by_hand():
+    # A 4 x 4 grid: cell centres at 0.125, 0.375, 0.625, 0.875 on each axis.
+    boxes = torch.tensor(
+        [[0.0, 0.0, 0.5, 0.5],  # class 3: rows 0-1, columns 0-1
+         [0.3, 0.3, 0.45, 0.45],  # class 5, smaller, holds the centre of cell (1, 1) only
+         [0.6, 0.15, 0.7, 0.3],  # class 7: x holds 0.625, y no centre (0.125 < 0.15 < 0.3 < 0.375)
+         [0.55, 0.55, 1.0, 1.0]]  # class 9: rows 2-3, columns 2-3
+    )  # fmt: skip
+    cells = box_cells(boxes, torch.tensor([3, 5, 7, 9]), 4)
+    expected = torch.tensor([[3, 3, -1, -1], [3, 5, -1, -1], [-1, -1, 9, 9], [-1, -1, 9, 9]])
+    assert torch.equal(cells, expected)
+    assert torch.equal(box_cells(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2),
+                       torch.full((2, 2), -1))  # fmt: skip
+    with pytest.raises(ValueError, match="labels"):
+        box_cells(boxes, torch.tensor([1]), 4)
+
+
+def test_boxed_targets_by_hand():
+    q = torch.full((1, 2, 2, 3), 1 / 3)
+    w = torch.full((1, 2, 2), 0.2)
+    cells = torch.tensor([[[2, -1], [-1, 0]]])
+    boxed_q, boxed_w = boxed_targets(q, w, cells)
+    assert boxed_q[0, 0, 0].tolist() == [0.0, 0.0, 1.0] and boxed_q[0, 1, 1].tolist() == [1, 0, 0]
+    assert torch.equal(boxed_q[0, 0, 1], q[0, 0, 1]) and torch.equal(boxed_q[0, 1, 0], q[0, 1, 0])
+    assert torch.equal(boxed_w, torch.tensor([[[1.0, 0.2], [0.2, 1.0]]]))
+    assert boxed_targets(q, w, None) == (q, w)
+
+
 def dense_args(tmp_path, voc, cfg, weights, *extra, backbone=None):
     return get_args_parser().parse_args(
         ["--data", str(voc), "--img-size", "128", "--epochs", "1", "--batch-size", "4",
@@ -140,9 +170,44 @@ def test_train_with_dense_distillation(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and float(rows[0]["dense"]) > 0
 
+    assert meta["training"]["distill_dense_boxes"] is False
+
+    # --distill-dense-boxes: the same run with the dogs' cells taught "dog" at full weight.
+    boxed = main(
+        dense_args(
+            tmp_path,
+            voc,
+            cfg,
+            weights,
+            "--distill-dense",
+            "2",
+            "--distill-dense-boxes",
+            "--out",
+            str(tmp_path / "b" / "w.safetensors"),
+        )
+    )
+    assert load_checkpoint(boxed)[1]["training"]["distill_dense_boxes"] is True
+    with open(output_paths(tmp_path / "b" / "w.safetensors")["csv"]) as f:
+        boxed_rows = list(csv.DictReader(f))
+    assert float(boxed_rows[0]["dense"]) > 0 and boxed_rows[0]["dense"] != rows[0]["dense"]
+
     # The cached layers must be the teacher's own: another backbone's weights are refused.
     other = write_tiny_yolo(tmp_path / "other", seed=1)[1]
     with pytest.raises(ValueError, match="teacher's own"):
         main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "1", backbone=other))
     with pytest.raises(ValueError, match="needs --cache-views"):
         main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "1", "--cache-views", "0"))
+
+
+def test_dense_boxes_without_dense_distillation_is_a_clear_cli_error(tmp_path, capsys):
+    cfg, weights = write_tiny_yolo(tmp_path / "teacher")
+    voc = make_dog_voc(tmp_path / "voc")
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--data", str(voc), "--backbone", str(cfg), str(weights), "--backbone-layer", "4",
+             "--teacher", str(cfg), str(weights), "--cache-views", "1",
+             "--train-from-layer", "3", "--distill-dense-boxes",
+             "--out", str(tmp_path / "w.safetensors")])  # fmt: skip
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "--distill-dense-boxes needs --distill-dense" in err and "Traceback" not in err
+    assert not (tmp_path / "w.safetensors").exists()

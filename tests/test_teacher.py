@@ -300,8 +300,8 @@ def test_cached_features_match_the_live_stem_and_views_mirror_boxes(tmp_path):
     write_image(tmp_path / "a.png", 64, 64, [(0, 0, 16, 32)])
     labels = {"boxes": [[0.0, 0.0, 0.25, 0.5]], "scores": [0.9], "labels": [3], "size": [64, 64]}
     ann = teacher_annotation(tmp_path / "a.png", labels, list(range(20)), 0.3)
-    features, targets = compute_features(model, [ann], 3, views=2, seed=0, workers=0,
-                                         progress=False)  # fmt: skip
+    features, targets, cells = compute_features(model, [ann], 3, views=2, seed=0, workers=0,
+                                                progress=False)  # fmt: skip
     assert features.shape == (2, 8, 4, 4) and targets.shape == (2, 2, 2, 25)
     # The plain view: the cached features continue to the same grid as the live network.
     image, _ = DetectionDataset([ann], 64, train=False)[0]
@@ -311,6 +311,9 @@ def test_cached_features_match_the_live_stem_and_views_mirror_boxes(tmp_path):
     torch.testing.assert_close(cached, live, atol=2e-2, rtol=1e-2)  # float16 features
     # The mirrored view's box is the plain one's mirror image: cell (0, 0) -> cell (0, 1).
     assert targets[0, 0, 0, 20] == 1 and targets[1, 0, 1, 20] == 1 and targets[1, 0, 0, 20] == 0
+    # The box (0, 0)-(0.25, 0.5) holds the centre (0.25, 0.25) of cell (0, 0), and its mirror
+    # image (0.75, 0)-(1, 0.5) that of cell (0, 1): each view's map of box classes.
+    assert cells.tolist() == [[[3, -1], [-1, -1]], [[-1, 3], [-1, -1]]]
 
 
 @pytest.mark.slow
@@ -458,16 +461,17 @@ def test_cached_features_serve_new_labels_of_the_same_images(tmp_path):
                   "size": [64, 64]}  # fmt: skip
         anns.append(teacher_annotation(tmp_path / f"a{k}.png", labels, list(range(20)), 0.3))
     kw = {"workers": 0, "progress": False}
-    features, targets = load_or_compute(tmp_path / "c", model, anns, 3, 4, 0, **kw)
-    again, replayed = load_or_compute(tmp_path / "c", model, anns, 3, 4, 0, **kw)
+    features, targets, cells = load_or_compute(tmp_path / "c", model, anns, 3, 4, 0, **kw)
+    again, replayed, replayed_cells = load_or_compute(tmp_path / "c", model, anns, 3, 4, 0, **kw)
     torch.testing.assert_close(again, features)
     torch.testing.assert_close(replayed, targets)  # the augmented views drew the same way
+    assert torch.equal(replayed_cells, cells) and (cells >= 0).any()
     relabelled = [teacher_annotation(a.image_path, {"boxes": [], "scores": [], "labels": [],
                                                      "size": [64, 64]}, list(range(20)), 0.3)
                   for a in anns]  # fmt: skip
-    reused, empty = load_or_compute(tmp_path / "c", model, relabelled, 3, 4, 0, **kw)
+    reused, empty, no_cells = load_or_compute(tmp_path / "c", model, relabelled, 3, 4, 0, **kw)
     torch.testing.assert_close(reused, features)
-    assert empty[..., 20].sum() == 0 and targets[..., 20].sum() > 0
+    assert empty[..., 20].sum() == 0 and targets[..., 20].sum() > 0 and (no_cells == -1).all()
     assert len(list((tmp_path / "c").glob("features-*"))) == 1
 
 
@@ -487,11 +491,11 @@ def test_mosaic_views_are_a_second_cache_of_tiled_views(tmp_path):
                   "size": [64, 64]}  # fmt: skip
         anns.append(teacher_annotation(tmp_path / f"m{k}.png", labels, list(range(20)), 0.3))
     kw = {"workers": 0, "progress": False}
-    plain, plain_targets = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, **kw)
-    features, targets = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, mosaic=True, **kw)
+    plain, plain_targets, _ = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, **kw)
+    features, targets, _ = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, mosaic=True, **kw)
     assert features.shape == plain.shape == (6, 8, 4, 4)
     assert len(list((tmp_path / "c").glob("features-*"))) == 2  # the plain file is untouched
-    again, _ = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, **kw)
+    again = load_or_compute(tmp_path / "c", model, anns, 3, 2, 0, **kw).features
     torch.testing.assert_close(again, plain)
     # A plain view holds its one object; a mosaic view up to four, from the three images only.
     assert (plain_targets[..., 20].sum((1, 2)) == 1).all()
