@@ -173,23 +173,18 @@ def test_train_with_dense_distillation(tmp_path):
     assert meta["training"]["distill_dense_boxes"] is False
 
     # --distill-dense-boxes: the same run with the dogs' cells taught "dog" at full weight.
-    boxed = main(
-        dense_args(
-            tmp_path,
-            voc,
-            cfg,
-            weights,
-            "--distill-dense",
-            "2",
-            "--distill-dense-boxes",
-            "--out",
-            str(tmp_path / "b" / "w.safetensors"),
-        )
-    )
+    boxed = main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "2",
+                            "--distill-dense-boxes",
+                            "--out", str(tmp_path / "b" / "w.safetensors")))  # fmt: skip
     assert load_checkpoint(boxed)[1]["training"]["distill_dense_boxes"] is True
     with open(output_paths(tmp_path / "b" / "w.safetensors")["csv"]) as f:
         boxed_rows = list(csv.DictReader(f))
     assert float(boxed_rows[0]["dense"]) > 0 and boxed_rows[0]["dense"] != rows[0]["dense"]
+    # With mosaic views too: their cells join the plain views' (Views concatenated field-wise).
+    mosaic = main(dense_args(tmp_path, voc, cfg, weights, "--distill-dense", "1",
+                             "--distill-dense-boxes", "--cache-mosaic-views", "1",
+                             "--out", str(tmp_path / "m" / "w.safetensors")))  # fmt: skip
+    assert load_checkpoint(mosaic)[1]["training"]["cache_mosaic_views"] == 1
 
     # The cached layers must be the teacher's own: another backbone's weights are refused.
     other = write_tiny_yolo(tmp_path / "other", seed=1)[1]
