@@ -117,12 +117,15 @@ class DenseTeacher:
 
 def mix_dense(terms: Sequence[torch.Tensor | None], side_share: float) -> torch.Tensor:
     """The dense term of a student on one backbone (``terms = [first]``) or two (``[first,
-    side]``, ``side`` None where no teacher has the side's layers): the side's term weighs
-    ``side_share``, the first's the rest; a missing term leaves the other whole."""
-    first, *side = terms
-    if not side or side[0] is None:
-        return first
-    return torch.lerp(first, side[0], side_share)
+    side]``, None where no teacher has that backbone's layers, never both): the side's term
+    weighs ``side_share``, the first's the rest; a missing term leaves the other whole."""
+    present = [t for t in terms if t is not None]
+    if not present:
+        raise ValueError("mix_dense needs at least one dense term")
+    if len(present) == 1:
+        return present[0]
+    first, side = terms
+    return torch.lerp(first, side, side_share)
 
 
 def boxed_targets(

@@ -714,31 +714,31 @@ class Trainer:
         return TensorDataset(views.features, views.targets)
 
     def build_dense_teachers(self) -> list[DenseTeacher | None]:
-        """--distill-dense: the first Darknet teacher's output that runs on the cached layer;
-        with --backbone-side, also that of a Darknet teacher whose layers the side's are (None
-        when none is)."""
+        """--distill-dense: per backbone part of the cached features (the first, then the
+        side's with --backbone-side), the output of the first Darknet teacher whose layers
+        ``0..L`` that part's are, run on that part; None where no teacher has them (at least
+        one must)."""
         members = getattr(self.teacher, "members", [self.teacher])
         darknets = [m for m in members if getattr(m, "network", None) is not None]
         if not darknets:
             raise ValueError("--distill-dense needs a Darknet --teacher (CFG WEIGHTS)")
-        stem, first = self.model.stem, darknets[0]
-        if not same_prefix(stem.net, first.network, self.cached_from):
-            raise ValueError(
-                f"--distill-dense needs cached layers 0..{self.cached_from} that are the "
-                f"teacher's own ({first.cfg.name}): a --backbone from its cfg and weights, "
-                "and no --init that changed those layers"
-            )
-        teachers = [self.dense_teacher(first)]
-        if stem.side is not None:
-            own = [t for t in darknets if same_prefix(stem.side, t.network, self.cached_from)]
+        teachers = []
+        for part in self.model.stem.nets:
+            own = [t for t in darknets if same_prefix(part, t.network, self.cached_from)]
             teachers.append(self.dense_teacher(own[0]) if own else None)
+        if all(t is None for t in teachers):
+            raise ValueError(
+                f"--distill-dense needs cached layers 0..{self.cached_from} that are a Darknet "
+                f"teacher's own ({', '.join(t.cfg.name for t in darknets)}): a --backbone (or "
+                "--backbone-side) from its cfg and weights, and no --init that changed those layers"
+            )
         logger.info("dense distillation from %s", self.dense_names(teachers))
         return teachers
 
     @property
     def dense_mixed(self) -> bool:
         """Whether the dense term mixes two teachers (--distill-dense-side applies)."""
-        return len(self.dense_teachers) == 2 and self.dense_teachers[1] is not None
+        return len(self.dense_teachers) == 2 and None not in self.dense_teachers
 
     @staticmethod
     def dense_names(teachers: list[DenseTeacher | None]) -> list[str | None]:

@@ -116,6 +116,9 @@ def test_mix_dense_by_hand():
     first, side = torch.tensor(2.0), torch.tensor(4.0)
     assert mix_dense([first], 0.7).item() == 2.0  # one backbone: its term whole
     assert mix_dense([first, None], 0.7).item() == 2.0  # no teacher for the side's layers
+    assert mix_dense([None, side], 0.7).item() == 4.0  # none for the first's: the side's whole
+    with pytest.raises(ValueError, match="at least one"):
+        mix_dense([None, None], 0.5)
     assert mix_dense([first, side], 0.7).item() == pytest.approx(0.3 * 2 + 0.7 * 4)
     assert mix_dense([first, side], 0.5).item() == pytest.approx(3.0)  # the default: the mean
     assert mix_dense([first, side], 0.0).item() == 2.0

@@ -21,7 +21,7 @@ from model.data import read_voc
 from model.export import export_onnx
 from model.feature_cache import cache_key
 from model.network import YOLOv1
-from model.train import backbone_arch, cli, get_args_parser, load_backbone, main
+from model.train import backbone_arch, cli, get_args_parser, init_from, load_backbone, main
 
 
 def write_narrow(folder: Path, seed: int = 5) -> tuple[Path, Path]:
@@ -155,6 +155,47 @@ def test_train_on_two_backbones_with_dense_distillation_and_reload(tmp_path, sid
     assert len(list((out.parent / "features").glob("features-*.safetensors"))) == 1
     with torch.no_grad():
         assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2, 2, 30)
+
+
+def test_init_from_one_backbone_starts_the_pair_as_that_checkpoint(tmp_path):
+    """--init from a student on the first backbone alone: the head conv's inputs from the side
+    start at zero, so the pair computes the checkpoint's grid until training moves them."""
+    model, first, side = two_stem_student(tmp_path)
+    alone = YOLOv1(backbone_arch(first[0], 4), 20, 2, 64, mean=(0, 0, 0), std=(1, 1, 1))
+    load_backbone(alone, *first, 4, None)
+    with torch.no_grad():  # a trained head, not the fresh one both would share by seed
+        for p in [*alone.darknet.parameters(), *alone.fcs.parameters()]:
+            p.add_(0.1 * torch.randn_like(p))
+    path = save_checkpoint(
+        tmp_path / "alone.safetensors", alone.eval(), {"class_names": list(VOC_CLASSES)}
+    )
+    init_from(model, path)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), alone(x))
+
+
+@pytest.mark.slow
+def test_dense_distillation_from_the_side_backbone_teacher_alone(tmp_path):
+    """A first backbone whose layers no teacher has (as after --init from a fine-tuned
+    checkpoint): the dense term comes from the side's own teacher alone."""
+    first, side = write_tiny_yolo(tmp_path / "first", seed=3), write_narrow(tmp_path / "side")
+    voc = make_dog_voc(tmp_path / "voc")
+    out = tmp_path / "run" / "w.safetensors"
+    common = ["--data", str(voc), "--img-size", "64", "--epochs", "1", "--batch-size", "4",
+              "--optimizer", "adamw", "--lr", "1e-3", "--workers", "0", "--no-progress",
+              "--backbone", *map(str, first), "--backbone-layer", "4",
+              "--cache-views", "1", "--train-from-layer", "3", "--distill-dense", "1",
+              "--out", str(out)]  # fmt: skip
+    teacher = write_tiny_yolo(tmp_path / "teacher", seed=4)  # the first's cfg, other weights
+    extra = ["--backbone-side", *map(str, side), "--teacher", *map(str, teacher),
+             "--teacher", *map(str, side)]  # fmt: skip
+    _, meta = load_checkpoint(main(get_args_parser().parse_args(common + extra)))
+    assert meta["training"]["distill_dense_teachers"] == [None, "narrow.cfg"]
+    assert meta["training"]["distill_dense_side"] is None  # nothing mixed
+    # Neither backbone's layers a teacher's: refused before training.
+    with pytest.raises(ValueError, match="teacher's own"):
+        main(get_args_parser().parse_args(common + ["--teacher", *map(str, teacher)]))
 
 
 def test_a_side_backbone_without_a_backbone_is_a_clear_cli_error(tmp_path, capsys):
