@@ -134,8 +134,9 @@ def output_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def init_from(model: YOLOv1, path: Path) -> None:
-    """Copy every tensor of a checkpoint whose name and shape match (e.g. all but a new head).
+def init_from(model: YOLOv1, path: Path) -> set[str]:
+    """Copy every tensor of a checkpoint whose name and shape match (e.g. all but a new head);
+    return the names of those copied.
 
     A tensor that grew keeps the checkpoint's values in its leading block. What it gained in
     dimension 1 (inputs: a conv after a route that now concatenates more channels after the old
@@ -164,6 +165,7 @@ def init_from(model: YOLOv1, path: Path) -> None:
         "initialised %d tensors from %s (%d grown, new inputs at zero: %s); kept %d new",
         len(copied), path, len(grown), ", ".join(grown) or "-", len(skipped),
     )  # fmt: skip
+    return set(copied)
 
 
 def _grew(own: torch.Size, old: torch.Size) -> bool:
@@ -511,14 +513,19 @@ class Trainer:
             raise ValueError("--unlabeled, --teacher-fill and --soft-targets need a --teacher")
         self.paths = output_paths(args.out)
         self.model = self.build(C)
-        if args.init:
-            init_from(self.model, args.init)
+        initialised = init_from(self.model, args.init) if args.init else set()
         self.cell_layer = None
         if args.shared_cell_epochs < 0:
             raise ValueError(f"--shared-cell-epochs must be >= 0, got {args.shared_cell_epochs}")
         if args.shared_cell_epochs:
             self.cell_layer = cell_output_layer(self.model)
-            share_cells(self.cell_layer, self.model.grid_size, fresh=True)
+            # A layer --init gave keeps its cells' mean block (a layer trained shared keeps
+            # itself); a new one gets a fresh block initialised for one cell's inputs.
+            names = {
+                f"fcs.{i}.weight" for i, m in enumerate(self.model.fcs) if m is self.cell_layer
+            }
+            fresh = not names & initialised
+            share_cells(self.cell_layer, self.model.grid_size, fresh=fresh)
         self.model.to(self.device)
         if not 0.0 <= args.ema < 1.0:
             raise ValueError(f"--ema must be in [0, 1), got {args.ema}")

@@ -15,6 +15,7 @@ from model import YOLOv1Loss, load_checkpoint
 from model.data import read_voc
 from model.evaluate import cli as eval_cli
 from model.train import (
+    Trainer,
     TrainingError,
     ema_average,
     get_args_parser,
@@ -309,6 +310,14 @@ def test_shared_cell_epochs_train_a_convolution_then_the_connected_layer(toy_voc
         torch.testing.assert_close(
             linear(features.flatten(1)).view(2, S, S, D), reference.permute(0, 2, 3, 1)
         )
+    # --init from that file keeps its trained layer (the mean of its cells' blocks: itself);
+    # only a layer nothing initialised gets a fresh block.
+    init = train_args(
+        toy_voc, tmp_path / "i.safetensors", *argv, "--init", str(output_paths(out)["last"])
+    )
+    torch.testing.assert_close(Trainer(init).model.fcs[-1].weight, linear.weight)
+    fresh = Trainer(train_args(toy_voc, tmp_path / "f.safetensors", *argv)).model.fcs[-1].weight
+    assert not torch.allclose(fresh, linear.weight)
     main(train_args(toy_voc, out, *argv, "--resume"))  # the second epoch: the whole layer
     model, _ = load_checkpoint(output_paths(out)["last"])
     weight = model.fcs[-1].weight.view(S * S, D, 6, S * S)
