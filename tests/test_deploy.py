@@ -11,10 +11,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import anyio
+import httpx
 import pytest
 import tomllib
 import yaml
-from fastapi.testclient import TestClient
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -273,6 +274,17 @@ def container(deployment: dict) -> dict:
     return only
 
 
+def get_all(app, paths: list[str]) -> dict[str, httpx.Response]:
+    """GET each path from the app in process (httpx's ASGI transport: no lifespan runs)."""
+
+    async def run() -> dict[str, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return {path: await client.get(path) for path in paths}
+
+    return anyio.run(run)
+
+
 @pytest.mark.parametrize("name", ["deployment.yaml", "deployment-gpu.yaml"])
 def test_kubernetes_deployment_agrees_with_the_service(name, defaults):
     deployment = manifests()[name]
@@ -282,12 +294,14 @@ def test_kubernetes_deployment_agrees_with_the_service(name, defaults):
     port = int(env.get("YOLOV1_PORT", defaults.port))
     (named,) = c["ports"]
     assert named["containerPort"] == port
-    client = TestClient(create_app(defaults))  # no lifespan: live answers, ready says 503
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    kinds = ("startupProbe", "readinessProbe", "livenessProbe")
+    # No lifespan: live answers, ready says 503.
+    answers = get_all(create_app(defaults), [c[kind]["httpGet"]["path"] for kind in kinds])
+    for kind in kinds:
         probe = c[kind]
-        assert client.get(probe["httpGet"]["path"]).status_code in (200, 503), kind
+        assert answers[probe["httpGet"]["path"]].status_code in (200, 503), kind
         assert probe["httpGet"]["port"] == named["name"]
         if kind != "startupProbe":  # a slow answer must not overlap the next probe
             assert probe["timeoutSeconds"] < probe["periodSeconds"], kind
@@ -342,14 +356,13 @@ def test_kubernetes_service_and_autoscaler_point_at_real_things(defaults):
 
 
 def test_docs_load_their_files_from_the_service(defaults):
-    client = TestClient(create_app(defaults))
-    for page in ("/docs", "/redoc"):
-        html = client.get(page).text
-        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']|url: ['"]([^'"]+)['"]""", html)
+    app = create_app(defaults)
+    for page, answer in get_all(app, ["/docs", "/redoc"]).items():
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']|url: ['"]([^'"]+)['"]""", answer.text)
         urls = [a or b for a, b in urls]
-        assert urls and all(u.startswith("/") for u in urls), urls
-        for url in urls:
-            assert client.get(url).status_code == 200, url
+        assert urls and all(u.startswith("/") for u in urls), (page, urls)
+        for url, found in get_all(app, urls).items():
+            assert found.status_code == 200, url
 
 
 def test_a_read_only_root_still_finds_the_baked_export(tmp_path, monkeypatch):
