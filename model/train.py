@@ -521,11 +521,9 @@ class Trainer:
             self.cell_layer = cell_output_layer(self.model)
             # A layer --init gave keeps its cells' mean block (a layer trained shared keeps
             # itself); a new one gets a fresh block initialised for one cell's inputs.
-            names = {
-                f"fcs.{i}.weight" for i, m in enumerate(self.model.fcs) if m is self.cell_layer
-            }
-            fresh = not names & initialised
-            share_cells(self.cell_layer, self.model.grid_size, fresh=fresh)
+            weight = self.cell_layer.weight
+            name = next(n for n, p in self.model.named_parameters() if p is weight)
+            share_cells(self.cell_layer, self.model.grid_size, fresh=name not in initialised)
         self.model.to(self.device)
         if not 0.0 <= args.ema < 1.0:
             raise ValueError(f"--ema must be in [0, 1), got {args.ema}")
@@ -701,6 +699,8 @@ class Trainer:
             for i, layer in enumerate(net.layers):
                 for p in layer.parameters():
                     p.requires_grad_(i > self.cached_from)
+        if a.distill_dense:  # refused here, before the features cost minutes
+            self.dense_teachers = self.build_dense_teachers()
         start = time.perf_counter()
         kwargs = {"batch_size": 32, "workers": a.workers, "progress": not a.no_progress}
         cache = a.out.parent / "features"
@@ -714,8 +714,6 @@ class Trainer:
             )  # fmt: skip
             views = Views(*(torch.cat(pair) for pair in zip(views, mosaics, strict=True)))
         logger.info("features ready in %.1f s", time.perf_counter() - start)
-        if a.distill_dense:
-            self.dense_teachers = self.build_dense_teachers()
         if a.distill_dense_boxes:  # each batch also carries its cells' box classes
             return TensorDataset(*views)
         return TensorDataset(views.features, views.targets)
