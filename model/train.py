@@ -131,6 +131,7 @@ def output_paths(out: Path) -> dict[str, Path]:
         "last": out.with_name(f"{stem}.last.safetensors"),
         "state": out.with_name(f"{stem}.state.pt"),
         "csv": out.with_name(f"{stem}.csv"),
+        "class_csv": out.with_name(f"{stem}.classes.csv"),  # each class's val AP by epoch
     }
 
 
@@ -923,12 +924,16 @@ class Trainer:
         args = self.args
         fields = ["epoch", "lr", "coord", "object", "noobj", "class", "val_map50", "seconds"]
         fields += ["dense"] if self.dense_teachers else []
-        log_path = self.paths["csv"]
+        log_path, class_path = self.paths["csv"], self.paths["class_csv"]
+        # One object of a class with one val object moves the mean by up to 1/C: the class
+        # log says which class a step in the curve comes from.
+        class_fields = ["epoch", *self.class_names]
         if self.main_process:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            if not (args.resume and log_path.exists()):
-                with open(log_path, "w", newline="") as f:
-                    csv.writer(f).writerow(fields)
+            for path, header in ((log_path, fields), (class_path, class_fields)):
+                if not (args.resume and path.exists()):
+                    with open(path, "w", newline="") as f:
+                        csv.writer(f).writerow(header)
         epoch = self.start_epoch - 1
         try:
             for epoch in range(self.start_epoch, args.epochs):
@@ -956,6 +961,10 @@ class Trainer:
                     row += [round(losses["dense"], 4)] if "dense" in fields else []
                     with open(log_path, "a", newline="") as f:
                         csv.writer(f).writerow(row)
+                    if val is not None:  # AP50 11-point; empty where val has no such object
+                        aps = [None if ap != ap else round(ap, 4) for ap in val["ap50_11point"]]
+                        with open(class_path, "a", newline="") as f:
+                            csv.writer(f).writerow([epoch + 1, *aps])
                     logger.info(
                         "epoch %d/%d loss %.3f val mAP@0.5 %s (best %.4f)",
                         epoch + 1, args.epochs, sum(losses.values()),

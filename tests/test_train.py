@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,18 @@ def test_train_writes_servable_best_last_state_and_log(toy_voc, tmp_path):
     assert meta["training"]["epochs_done"] >= 1
     assert meta["training"]["val_map50_11point"] is not None
     assert len(paths["csv"].read_text().splitlines()) == 3  # header + 2 epochs
+    # The class log: each epoch's per-class AP, whose mean over the classes val holds is the
+    # main log's mAP.
+    with open(paths["class_csv"]) as f:
+        class_rows = list(csv.DictReader(f))
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert list(class_rows[0]) == ["epoch", *meta["class_names"]]
+    assert [r["epoch"] for r in class_rows] == [r["epoch"] for r in rows] == ["1", "2"]
+    for class_row, row in zip(class_rows, rows, strict=True):
+        aps = [float(v) for k, v in class_row.items() if k != "epoch" and v != ""]
+        assert 0 < len(aps) < len(meta["class_names"])  # toy val lacks some classes
+        assert sum(aps) / len(aps) == pytest.approx(float(row["val_map50"]), abs=2e-4)
     # The servable file holds only model tensors: no optimizer state.
     assert best.stat().st_size < paths["state"].stat().st_size
 
