@@ -491,15 +491,29 @@ def foreign_objects(
 
 
 def drop_foreign_boxes(
-    teacher_ann: Annotation, foreign: torch.Tensor | None, iou_threshold: float = 0.5
+    teacher_ann: Annotation,
+    foreign: torch.Tensor | None,
+    iou_threshold: float = 0.5,
+    inside_threshold: float = 0.7,
 ) -> Annotation:
-    """The teacher's boxes less those on a known foreign object (IoU >= ``iou_threshold``),
-    so that the object trains as background instead of as the class the teacher guessed."""
-    from torchvision.ops import box_iou
+    """The teacher's boxes less those on a known foreign object, so that the object trains as
+    background instead of as the class the teacher guessed.
+
+    A box is on the object when its IoU with it is >= ``iou_threshold``, or when at least
+    ``inside_threshold`` of the box's own area lies inside it: a part of a kangaroo (its head,
+    its back) boxed as a dog is as wrong as the whole animal boxed so, and its IoU is small.
+    """
+    from torchvision.ops import box_area, box_iou
 
     if foreign is None or len(foreign) == 0 or len(teacher_ann.boxes) == 0:
         return teacher_ann
-    return teacher_ann.select(box_iou(teacher_ann.boxes, foreign).max(dim=1).values < iou_threshold)
+    boxes = teacher_ann.boxes
+    top_left = torch.max(boxes[:, None, :2], foreign[None, :, :2])
+    bottom_right = torch.min(boxes[:, None, 2:], foreign[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)  # (teacher, foreign)
+    inside = inter / box_area(boxes).clamp(min=1e-9)[:, None]
+    on_foreign = (box_iou(boxes, foreign) >= iou_threshold) | (inside >= inside_threshold)
+    return teacher_ann.select(~on_foreign.any(dim=1))
 
 
 def predict_teacher(

@@ -240,19 +240,26 @@ def test_teacher_boxes_on_objects_annotated_as_no_student_class_are_dropped(tmp_
 
     # Teacher boxes on z0, against the raccoon (10,10)-(50,50), area 1,600: one on it (IoU
     # 1,520 / 1,600 = 0.95), one on the dog (0), its top half (800 / 1,600 = 0.5, dropped: the
-    # threshold is inclusive) and a box half over it (800 / 2,400 = 0.33, kept).
-    boxes = torch.tensor([[10.0, 12, 50, 50], [60, 10, 90, 40], [10, 10, 50, 30], [30, 10, 70, 50]])
-    probs = torch.eye(20)[[11, 11, 7, 11]]
+    # threshold is inclusive), a box half over it (IoU 800 / 2,400 = 0.33; half its own area
+    # inside, under 0.7: kept), a part of it (20,20)-(40,40) (IoU 400 / 1,600 = 0.25, but all
+    # of it inside: dropped), a box 0.875 inside (15,10)-(55,50) (IoU 1,400 / 1,800 = 0.78:
+    # dropped either way) and one 0.6 inside (26,10)-(66,50) (IoU 960 / 2,240 = 0.43: kept).
+    boxes = torch.tensor(
+        [[10.0, 12, 50, 50], [60, 10, 90, 40], [10, 10, 50, 30], [30, 10, 70, 50],
+         [20, 20, 40, 40], [15, 10, 55, 50], [26, 10, 66, 50]]
+    )  # fmt: skip
+    labels = torch.tensor([11, 11, 7, 11, 12, 9, 16])
+    probs = torch.eye(20)[labels]
     teacher_ann = Annotation(
         image_path=zoo / "JPEGImages" / "z0.png", width=100, height=80, boxes=boxes,
-        labels=torch.tensor([11, 11, 7, 11]), difficult=torch.zeros(4, dtype=torch.bool),
-        class_probs=probs, objectness=torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        labels=labels, difficult=torch.zeros(7, dtype=torch.bool),
+        class_probs=probs, objectness=torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]),
     )  # fmt: skip
     kept = drop_foreign_boxes(teacher_ann, foreign[teacher_ann.image_path])
-    torch.testing.assert_close(kept.boxes, boxes[[1, 3]])
-    assert kept.labels.tolist() == [11, 11]
-    torch.testing.assert_close(kept.class_probs, probs[[1, 3]])
-    torch.testing.assert_close(kept.objectness, torch.tensor([0.8, 0.6]))
+    torch.testing.assert_close(kept.boxes, boxes[[1, 3, 6]])
+    assert kept.labels.tolist() == [11, 11, 16]
+    torch.testing.assert_close(kept.class_probs, probs[[1, 3, 6]])
+    torch.testing.assert_close(kept.objectness, torch.tensor([0.8, 0.6, 0.3]))
     assert drop_foreign_boxes(teacher_ann, None) is teacher_ann
 
 
