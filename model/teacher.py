@@ -507,12 +507,11 @@ def drop_foreign_boxes(
 
     if foreign is None or len(foreign) == 0 or len(teacher_ann.boxes) == 0:
         return teacher_ann
-    boxes = teacher_ann.boxes
-    top_left = torch.max(boxes[:, None, :2], foreign[None, :, :2])
-    bottom_right = torch.min(boxes[:, None, 2:], foreign[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)  # (teacher, foreign)
-    inside = inter / box_area(boxes).clamp(min=1e-9)[:, None]
-    on_foreign = (box_iou(boxes, foreign) >= iou_threshold) | (inside >= inside_threshold)
+    iou = box_iou(teacher_ann.boxes, foreign)  # (teacher, foreign)
+    area, foreign_area = box_area(teacher_ann.boxes)[:, None], box_area(foreign)[None, :]
+    inter = iou * (area + foreign_area) / (1 + iou)  # from iou = inter / (a + b - inter)
+    inside = inter / area.clamp(min=1e-9)
+    on_foreign = (iou >= iou_threshold) | (inside >= inside_threshold)
     return teacher_ann.select(~on_foreign.any(dim=1))
 
 
