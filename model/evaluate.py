@@ -4,6 +4,9 @@ Ground truth comes from the annotation files (pixel boxes with their difficult f
 from the grid; predictions are mapped back to each image's pixels before matching.
 ``--precision int8`` scores the service's int8 engine (``model.quantize``) in ONNX Runtime on
 the same images, through the same decoding and matching, so the two numbers compare.
+``--mirror`` scores the horizontally mirrored images (the detections mapped back onto the
+originals): a second sample of the same distribution, for telling a small val set's noise from a
+real difference.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from model.checkpoint import CheckpointError, load_checkpoint, update_metadata
@@ -54,11 +59,13 @@ def predict(
     conf_threshold: float = EVAL_CONF_THRESHOLD,
     progress: bool = False,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mirror: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Run ``model`` on every image; return detections with boxes in each image's pixels (xyxy).
 
     ``forward``, when given, computes the raw grid (N, S, S, C+5B) from the (N, 3, H, W) images
     in place of ``model`` (which still gives S, B, C and the input size): another engine.
+    ``mirror``: run on the horizontally mirrored images, boxes mapped back onto the originals.
     """
     was_training = model.training
     model.eval()
@@ -66,6 +73,7 @@ def predict(
     loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=detection_collate)
     results: list[dict[str, torch.Tensor]] = []
     for images, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        images = images.flip(-1) if mirror else images
         raw = model(images.to(device)) if forward is None else forward(images)
         dets = postprocess(
             raw, model.boxes_per_cell, model.num_classes, conf_threshold, 0.5, max_detections=100
@@ -75,8 +83,17 @@ def predict(
             scale = torch.tensor([w, h, w, h], dtype=torch.float32)
             results.append({k: v.cpu() for k, v in det.items()})
             results[-1]["boxes"] = results[-1]["boxes"] * scale
+            if mirror:
+                results[-1]["boxes"] = unmirror_boxes(results[-1]["boxes"], h, w)
     model.train(was_training)
     return results
+
+
+def unmirror_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel xyxy boxes found on the mirror image of a ``width`` x ``height`` image, on the
+    image itself."""
+    xyxy = tv_tensors.BoundingBoxFormat.XYXY
+    return F.horizontal_flip_bounding_boxes(boxes, format=xyxy, canvas_size=(height, width))
 
 
 def onnx_forward(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -195,6 +212,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store the best-F1 score threshold in the checkpoint (the service's default)",
     )
+    parser.add_argument(
+        "--mirror",
+        action="store_true",
+        help="score the horizontally mirrored images (detections mapped back): a second "
+        "sample of the same distribution, to tell a small split's noise from a difference",
+    )
     return parser
 
 
@@ -205,11 +228,11 @@ def main_teacher(args: argparse.Namespace) -> dict[str, Any]:
     teacher = load_teachers(args.teacher)
     annotations = read_datasets(args.data, args.format, args.split, teacher.class_names)
     start = time.perf_counter()
-    predictions = predict_teacher(teacher, annotations)
+    predictions = predict_teacher(teacher, annotations, mirror=args.mirror)
     elapsed = time.perf_counter() - start
     result = score(predictions, annotations, len(teacher.class_names))
     result.update(images=len(annotations), images_per_s=len(annotations) / elapsed,
-                  teacher=teacher.describe(), split=args.split)  # fmt: skip
+                  teacher=teacher.describe(), split=args.split, mirror=args.mirror)  # fmt: skip
     print(format_table(result, teacher.class_names))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
@@ -221,6 +244,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return main_teacher(args)
     if args.weights is None:
         raise ValueError("give --weights (or --teacher CFG WEIGHTS)")
+    if args.calibrate and args.mirror:  # the service sees the images as they are
+        raise ValueError("--calibrate stores the threshold of the images as given: run it "
+                         "without --mirror")  # fmt: skip
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.weights, device)
     class_names = meta["class_names"]
@@ -236,9 +262,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         data = args.calibration_data or training_data(meta)
         forward = int8_forward(args.weights, data, QuantizeSettings(args.calibration_images))
     start = time.perf_counter()
-    predictions = predict(
-        model, annotations, device, args.batch_size, args.workers, progress=True, forward=forward
-    )
+    predictions = predict(model, annotations, device, args.batch_size, args.workers,
+                          progress=True, forward=forward, mirror=args.mirror)  # fmt: skip
     elapsed = time.perf_counter() - start
     result = score(predictions, annotations, len(class_names))
     result.update(
@@ -247,6 +272,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         weights=str(args.weights),
         precision=args.precision,
         split=args.split,
+        mirror=args.mirror,
         class_names=class_names,
     )
     print(format_table(result, class_names))

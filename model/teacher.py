@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
@@ -516,15 +517,21 @@ def drop_foreign_boxes(
 
 
 def predict_teacher(
-    teacher: Teacher, annotations: Sequence[Annotation], conf_threshold: float = 0.005
+    teacher: Teacher,
+    annotations: Sequence[Annotation],
+    conf_threshold: float = 0.005,
+    mirror: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """The teacher's detections of annotated images, boxes in each image's pixels (xyxy), for
-    scoring it as ``yolov1-eval`` scores a checkpoint (plain resize, RGB in [0, 1])."""
+    scoring it as ``yolov1-eval`` scores a checkpoint (plain resize, RGB in [0, 1]); ``mirror``:
+    of the horizontally mirrored images, boxes mapped back onto the originals."""
+    xyxy = tv_tensors.BoundingBoxFormat.XYXY
     results = []
     for ann in tqdm(annotations, desc="teacher eval", leave=False):
         image, width, height = _load_for_teacher(ann.image_path, teacher.input_size)
-        (det,) = teacher.detect(image[None], conf_threshold)
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        results.append({"boxes": det["boxes"] * scale, "scores": det["scores"],
-                        "labels": det["labels"]})  # fmt: skip
+        (det,) = teacher.detect((image.flip(-1) if mirror else image)[None], conf_threshold)
+        boxes = det["boxes"] * torch.tensor([width, height, width, height], dtype=torch.float32)
+        if mirror:
+            boxes = F.horizontal_flip_bounding_boxes(boxes, xyxy, canvas_size=(height, width))
+        results.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"]})
     return results

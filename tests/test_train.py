@@ -337,3 +337,58 @@ def test_shared_cell_epochs_train_a_convolution_then_the_connected_layer(toy_voc
     assert weight[0, :, :, 1].abs().max() > 0  # cell (0, 0) now reads cell (0, 1) too
     with pytest.raises(ValueError, match="--head-hidden 0"):
         main(train_args(toy_voc, tmp_path / "x.safetensors", "--shared-cell-epochs", "1"))
+
+
+def _mirrored_copies(tmp_path: Path) -> tuple[Path, Path]:
+    """Two VOC folders: noise images of odd sizes, and the same images mirrored by PIL (PNG,
+    lossless), with the same annotations."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    rng = np.random.default_rng(0)
+    items = {f"n{i}": (w, h, [("dog", 5, 5, w // 2, h // 2, 0)]) for i, (w, h) in
+             enumerate([(96, 70), (150, 110), (64, 64)])}  # fmt: skip
+    plain = make_voc(tmp_path / "plain", items, split="val")
+    mirrored = make_voc(tmp_path / "mirrored", items, split="val")
+    for image_id, (w, h, _) in items.items():
+        pixels = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        pixels.save(plain / "JPEGImages" / f"{image_id}.png")
+        ImageOps.mirror(pixels).save(mirrored / "JPEGImages" / f"{image_id}.png")
+    return plain, mirrored
+
+
+def _unmirrored_by_hand(det: dict, width: int) -> torch.Tensor:
+    x1, y1, x2, y2 = det["boxes"].unbind(1)
+    return torch.stack((width - x2, y1, width - x1, y2), dim=1)
+
+
+def test_eval_mirror_is_the_mirrored_files_detections_mapped_back(weights, tmp_path):
+    from model.data import read_datasets
+    from model.evaluate import predict
+
+    plain, mirrored = _mirrored_copies(tmp_path)
+    model, meta = load_checkpoint(weights)
+    cpu = torch.device("cpu")
+    on_plain = read_datasets([plain], "voc", "val", meta["class_names"])
+    every = {"conf_threshold": 0.0}  # a random network: keep every candidate
+    got = predict(model, on_plain, cpu, mirror=True, **every)
+    ref = predict(model, read_datasets([mirrored], "voc", "val", meta["class_names"]), cpu, **every)
+    assert sum(len(d["scores"]) for d in got) > 10  # a random network: plenty to compare
+    for g, r, ann in zip(got, ref, on_plain, strict=True):
+        torch.testing.assert_close(g["scores"], r["scores"])
+        assert torch.equal(g["labels"], r["labels"])
+        torch.testing.assert_close(g["boxes"], _unmirrored_by_hand(r, ann.width))
+    # and the mirror is not the plain image: a random network is not symmetric
+    assert not torch.equal(predict(model, on_plain, cpu, **every)[0]["scores"], got[0]["scores"])
+
+
+def test_eval_refuses_to_calibrate_on_mirrored_images(weights, tmp_path):
+    from model.evaluate import get_args_parser as eval_parser
+    from model.evaluate import main as eval_main
+
+    plain, _ = _mirrored_copies(tmp_path)
+    before = weights.read_bytes()
+    args = ["--weights", str(weights), "--data", str(plain), "--calibrate", "--mirror"]
+    with pytest.raises(ValueError, match="without --mirror"):
+        eval_main(eval_parser().parse_args(args))
+    assert weights.read_bytes() == before
