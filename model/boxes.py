@@ -7,6 +7,8 @@ y and column ``j`` along x, so the cell of a centre ``(cx, cy)`` is ``(floor(S*c
 from __future__ import annotations
 
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 
 def hard_targets(labels: torch.Tensor, C: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,3 +167,10 @@ def paired_box_iou(boxes1_xyxy: torch.Tensor, boxes2_xyxy: torch.Tensor) -> torc
     area2 = (boxes2_xyxy[..., 2:] - boxes2_xyxy[..., :2]).clamp(min=0).prod(-1)
     union = area1 + area2 - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(union))
+
+
+def unmirror_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel xyxy boxes (K, 4) found on the mirror image of a ``width`` x ``height`` image, on
+    the image itself (torchvision's horizontal box flip)."""
+    xyxy = tv_tensors.BoundingBoxFormat.XYXY
+    return F.horizontal_flip_bounding_boxes(boxes, format=xyxy, canvas_size=(height, width))

@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from model.boxes import unmirror_boxes
 from model.checkpoint import CheckpointError, load_checkpoint, update_metadata
 from model.data import Annotation, DetectionDataset, detection_collate, read_datasets
 from model.metrics import best_f1_threshold, coco_map, evaluate_detections
@@ -87,13 +86,6 @@ def predict(
                 results[-1]["boxes"] = unmirror_boxes(results[-1]["boxes"], h, w)
     model.train(was_training)
     return results
-
-
-def unmirror_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pixel xyxy boxes found on the mirror image of a ``width`` x ``height`` image, on the
-    image itself."""
-    xyxy = tv_tensors.BoundingBoxFormat.XYXY
-    return F.horizontal_flip_bounding_boxes(boxes, format=xyxy, canvas_size=(height, width))
 
 
 def onnx_forward(path: str | Path) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
+from model.boxes import unmirror_boxes
 from model.config import VOC_CLASSES
 from model.data import Annotation, load_image_rgb, read_image_size, read_voc, voc_class_names
 from model.files import image_files, voc_split_file
@@ -525,13 +525,12 @@ def predict_teacher(
     """The teacher's detections of annotated images, boxes in each image's pixels (xyxy), for
     scoring it as ``yolov1-eval`` scores a checkpoint (plain resize, RGB in [0, 1]); ``mirror``:
     of the horizontally mirrored images, boxes mapped back onto the originals."""
-    xyxy = tv_tensors.BoundingBoxFormat.XYXY
     results = []
     for ann in tqdm(annotations, desc="teacher eval", leave=False):
         image, width, height = _load_for_teacher(ann.image_path, teacher.input_size)
         (det,) = teacher.detect((image.flip(-1) if mirror else image)[None], conf_threshold)
         boxes = det["boxes"] * torch.tensor([width, height, width, height], dtype=torch.float32)
         if mirror:
-            boxes = F.horizontal_flip_bounding_boxes(boxes, xyxy, canvas_size=(height, width))
+            boxes = unmirror_boxes(boxes, height, width)
         results.append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"]})
     return results
