@@ -6,7 +6,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, ImageOps
 
 # ../shared beside the repository: present in CI and on the developers' machines, absent in a
 # user's fresh clone, where the tests that need it skip.
@@ -54,6 +55,27 @@ def make_voc(root: Path, items: dict[str, tuple], split: str = "train", ext: str
     (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(items) + "\n")
     return root
+
+
+def make_mirrored_voc(root: Path, sizes: list[tuple[int, int]], seed: int = 0) -> tuple[Path, Path]:
+    """``root/plain`` and ``root/mirrored``: val splits of noise images of the given (width,
+    height), the second holding the same pixels mirrored by PIL (PNG, lossless), one dog each."""
+    rng = np.random.default_rng(seed)
+    items = {f"n{i}": (w, h, [("dog", 5, 5, w // 2, h // 2, 0)]) for i, (w, h) in
+             enumerate(sizes)}  # fmt: skip
+    plain = make_voc(root / "plain", items, split="val")
+    mirrored = make_voc(root / "mirrored", items, split="val")
+    for image_id, (w, h, _) in items.items():
+        pixels = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        pixels.save(plain / "JPEGImages" / f"{image_id}.png")
+        ImageOps.mirror(pixels).save(mirrored / "JPEGImages" / f"{image_id}.png")
+    return plain, mirrored
+
+
+def unmirror_by_hand(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Pixel xyxy boxes on the mirror image of a ``width``-wide image, on the image itself."""
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((width - x2, y1, width - x1, y2), dim=1)
 
 
 # EXIF orientation -> the transpose that stores an upright image so that a viewer shows it upright

@@ -10,7 +10,9 @@ import torch
 from builders import (
     SHARED,
     make_dog_voc,
+    make_mirrored_voc,
     make_voc,
+    unmirror_by_hand,
     write_image,
     write_tiny_yolo,
 )
@@ -707,20 +709,10 @@ def test_eval_scores_the_vote_of_repeated_teachers(tmp_path, capsys):
 
 
 def test_teacher_eval_mirror_is_the_mirrored_files_detections_mapped_back(tmp_path):
-    import numpy as np
-    from PIL import Image, ImageOps
-
     from model.data import read_datasets
     from model.teacher import predict_teacher
 
-    items = {"a": (90, 60, [("dog", 5, 5, 40, 50, 0)]), "b": (70, 100, [("cat", 1, 1, 9, 9, 0)])}
-    plain = make_voc(tmp_path / "plain", items, split="val")
-    mirrored = make_voc(tmp_path / "mirrored", items, split="val")
-    rng = np.random.default_rng(1)
-    for image_id, (w, h, _) in items.items():
-        pixels = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        pixels.save(plain / "JPEGImages" / f"{image_id}.png")
-        ImageOps.mirror(pixels).save(mirrored / "JPEGImages" / f"{image_id}.png")
+    plain, mirrored = make_mirrored_voc(tmp_path, [(90, 60), (70, 100)], seed=1)
     teacher = Teacher(*write_tiny_yolo(tmp_path / "t", 0))
     on_plain = read_datasets([plain], "voc", "val", VOC_CLASSES)
     got = predict_teacher(teacher, on_plain, mirror=True)
@@ -728,6 +720,4 @@ def test_teacher_eval_mirror_is_the_mirrored_files_detections_mapped_back(tmp_pa
     assert sum(len(d["scores"]) for d in got) > 0
     for g, r, ann in zip(got, ref, on_plain, strict=True):
         torch.testing.assert_close(g["scores"], r["scores"])
-        x1, y1, x2, y2 = r["boxes"].unbind(1)
-        by_hand = torch.stack((ann.width - x2, y1, ann.width - x1, y2), dim=1)
-        torch.testing.assert_close(g["boxes"], by_hand)
+        torch.testing.assert_close(g["boxes"], unmirror_by_hand(r["boxes"], ann.width))

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import SHARED, make_voc, write_darknet_weights, write_image
+from builders import (
+    SHARED,
+    make_mirrored_voc,
+    make_voc,
+    unmirror_by_hand,
+    write_darknet_weights,
+    write_image,
+)
 
 from model import YOLOv1Loss, load_checkpoint
 from model.data import read_voc
@@ -339,34 +346,11 @@ def test_shared_cell_epochs_train_a_convolution_then_the_connected_layer(toy_voc
         main(train_args(toy_voc, tmp_path / "x.safetensors", "--shared-cell-epochs", "1"))
 
 
-def _mirrored_copies(tmp_path: Path) -> tuple[Path, Path]:
-    """Two VOC folders: noise images of odd sizes, and the same images mirrored by PIL (PNG,
-    lossless), with the same annotations."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    rng = np.random.default_rng(0)
-    items = {f"n{i}": (w, h, [("dog", 5, 5, w // 2, h // 2, 0)]) for i, (w, h) in
-             enumerate([(96, 70), (150, 110), (64, 64)])}  # fmt: skip
-    plain = make_voc(tmp_path / "plain", items, split="val")
-    mirrored = make_voc(tmp_path / "mirrored", items, split="val")
-    for image_id, (w, h, _) in items.items():
-        pixels = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        pixels.save(plain / "JPEGImages" / f"{image_id}.png")
-        ImageOps.mirror(pixels).save(mirrored / "JPEGImages" / f"{image_id}.png")
-    return plain, mirrored
-
-
-def _unmirrored_by_hand(det: dict, width: int) -> torch.Tensor:
-    x1, y1, x2, y2 = det["boxes"].unbind(1)
-    return torch.stack((width - x2, y1, width - x1, y2), dim=1)
-
-
 def test_eval_mirror_is_the_mirrored_files_detections_mapped_back(weights, tmp_path):
     from model.data import read_datasets
     from model.evaluate import predict
 
-    plain, mirrored = _mirrored_copies(tmp_path)
+    plain, mirrored = make_mirrored_voc(tmp_path, [(96, 70), (150, 110), (64, 64)])
     model, meta = load_checkpoint(weights)
     cpu = torch.device("cpu")
     on_plain = read_datasets([plain], "voc", "val", meta["class_names"])
@@ -377,7 +361,7 @@ def test_eval_mirror_is_the_mirrored_files_detections_mapped_back(weights, tmp_p
     for g, r, ann in zip(got, ref, on_plain, strict=True):
         torch.testing.assert_close(g["scores"], r["scores"])
         assert torch.equal(g["labels"], r["labels"])
-        torch.testing.assert_close(g["boxes"], _unmirrored_by_hand(r, ann.width))
+        torch.testing.assert_close(g["boxes"], unmirror_by_hand(r["boxes"], ann.width))
     # and the mirror is not the plain image: a random network is not symmetric
     assert not torch.equal(predict(model, on_plain, cpu, **every)[0]["scores"], got[0]["scores"])
 
@@ -386,7 +370,7 @@ def test_eval_refuses_to_calibrate_on_mirrored_images(weights, tmp_path):
     from model.evaluate import get_args_parser as eval_parser
     from model.evaluate import main as eval_main
 
-    plain, _ = _mirrored_copies(tmp_path)
+    plain, _ = make_mirrored_voc(tmp_path, [(96, 70)])
     before = weights.read_bytes()
     args = ["--weights", str(weights), "--data", str(plain), "--calibrate", "--mirror"]
     with pytest.raises(ValueError, match="without --mirror"):
